@@ -1,0 +1,330 @@
+"""Building blocks: Dense (with optional LoRA), embeddings, norms, rotary positions, attention, MLP.
+
+Every parameter carries logical axis names (``vocab, embed, heads, kv, mlp``) through
+``nn.with_logical_partitioning``; ``lm.sharding`` maps them to mesh axes. Shapes use
+B=batch, T=query length, S=key length, D=d_model, N=heads, K=kv heads, H=head_dim.
+
+Numerics (see ../PERF-NOTES in the design notes): matmuls take operands in the compute dtype and
+accumulate in float32 (``preferred_element_type``), which is both what GPUs/TPUs do and the fast
+AMX path for bfloat16 on the CPUs we develop on; norms and softmax run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm.config import ModelConfig
+
+Array = jax.Array
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def _kernel_init(std: float = 0.02):
+    return nn.initializers.normal(stddev=std)
+
+
+def matmul(x: Array, w: Array, dtype) -> Array:
+    """x[..., I] @ w[I, O] with float32 accumulation, returned in ``dtype``."""
+    y = jax.lax.dot_general(
+        x.astype(dtype),
+        w.astype(dtype),
+        (((x.ndim - 1,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )
+    return y.astype(dtype)
+
+
+class Dense(nn.Module):
+    """y = x W + b, W: [in, out], with an optional LoRA update (Hu et al. 2021).
+
+    LoRA adds (x A B) * alpha / r with A: [in, r] random and B: [r, out] zero-initialized, so a
+    freshly added adapter leaves the model unchanged. Only ``lora_a``/``lora_b`` are trained when
+    LoRA is on (the optimizer masks the rest).
+    """
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        pdt = dtype_of(self.param_dtype)
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(_kernel_init(), self.axes),
+            (x.shape[-1], self.features),
+            pdt,
+        )
+        y = matmul(x, kernel, dtype_of(self.dtype))
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                (self.features,),
+                pdt,
+            )
+            y = y + bias.astype(y.dtype)
+        if self.lora_rank:
+            a = self.param(
+                "lora_a",
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(1.0 / math.sqrt(x.shape[-1])), (self.axes[0], None)
+                ),
+                (x.shape[-1], self.lora_rank),
+                pdt,
+            )
+            b = self.param(
+                "lora_b",
+                nn.with_logical_partitioning(nn.initializers.zeros, (None, self.axes[1])),
+                (self.lora_rank, self.features),
+                pdt,
+            )
+            h = nn.Dropout(self.lora_dropout)(x, deterministic=deterministic)
+            lora = matmul(matmul(h, a, dtype_of(self.dtype)), b, dtype_of(self.dtype))
+            y = y + lora * (self.lora_alpha / self.lora_rank)
+        return y
+
+
+def dense(cfg: ModelConfig, features: int, axes, name: str, use_bias: bool) -> Dense:
+    """A Dense inside a block, with LoRA when ``name`` is one of ``cfg.lora_targets``."""
+    lora = cfg.lora_rank if name in cfg.lora_targets else 0
+    return Dense(
+        features,
+        axes,
+        use_bias,
+        cfg.dtype,
+        cfg.param_dtype,
+        lora,
+        cfg.lora_alpha,
+        cfg.lora_dropout,
+        name=name,
+    )
+
+
+class Embed(nn.Module):
+    """Lookup table [V, D]; ``attend`` is the tied output projection (logits = x E^T)."""
+
+    num: int
+    features: int
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(_kernel_init(), ("vocab", "embed")),
+            (self.num, self.features),
+            dtype_of(self.param_dtype),
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(dtype_of(self.dtype))
+
+    def attend(self, x: Array) -> Array:
+        # [B, T, D] x [V, D] -> [B, T, V], float32 logits for a stable softmax/loss.
+        return jax.lax.dot_general(
+            x.astype(dtype_of(self.dtype)),
+            self.embedding.astype(dtype_of(self.dtype)),
+            (((x.ndim - 1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
+
+
+class Norm(nn.Module):
+    """LayerNorm (Ba et al. 2016) or RMSNorm (Zhang & Sennrich 2019), computed in float32."""
+
+    kind: str
+    eps: float
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        pdt = dtype_of(self.param_dtype)
+        d = x.shape[-1]
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (d,), pdt
+        )
+        x32 = x.astype(jnp.float32)
+        if self.kind == "rmsnorm":
+            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
+            # HF Llama casts back to the input dtype before the scale; identical in float32.
+            return (scale.astype(jnp.float32) * y).astype(dtype_of(self.dtype))
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (d,), pdt
+        )
+        mean = jnp.mean(x32, -1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(
+            dtype_of(self.dtype)
+        )
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+    """Inverse frequencies [H/2] of RoPE (Su et al. 2021), with linear or llama3 scaling."""
+    h = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    scaling = cfg.rope_scaling_dict
+    if not scaling:
+        return inv
+    kind = scaling.get("type", scaling.get("rope_type"))
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv / factor
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, and the band in
+        # between interpolated smoothly (transformers `_compute_llama3_parameters`).
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling.get("original_max_len", 8192))
+        wavelen = 2 * math.pi / inv
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    raise ValueError(f"Unsupported rope_scaling type {kind!r}; supported: linear, llama3")
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotate x [B, T, N, H] by positions [B, T], HF's rotate-half layout (not interleaved)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    cos = jnp.cos(freqs)[:, :, None, :]
+    sin = jnp.sin(freqs)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention with an optional KV cache.
+
+    Cache layout per layer: ``{"k": [B, S, K, H], "v": [B, S, K, H]}``; new keys/values for the
+    T query tokens are written at slots ``[index, index + T)``.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,  # [B, T, D]
+        positions: Array,  # [B, T]
+        mask: Array,  # [B, 1, T, S] bool: may query t attend key s
+        cache: dict | None = None,
+        index: Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[Array, dict | None]:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = dense(cfg, n * h, ("embed", "heads"), "q", cfg.qkv_bias)(x, deterministic)
+        kk = dense(cfg, k * h, ("embed", "kv"), "k", cfg.qkv_bias)(x, deterministic)
+        v = dense(cfg, k * h, ("embed", "kv"), "v", cfg.qkv_bias)(x, deterministic)
+        q, kk, v = q.reshape(b, t, n, h), kk.reshape(b, t, k, h), v.reshape(b, t, k, h)
+        if cfg.positions == "rope":
+            inv_freq = rope_inv_freq(cfg)
+            q, kk = apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq)
+        if cache is not None:
+            start = (0, index, 0, 0)
+            kk = jax.lax.dynamic_update_slice(cache["k"], kk.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            cache = {"k": kk, "v": v}
+            kk, v = kk.astype(q.dtype), v.astype(q.dtype)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", None))
+        if cfg.attn_dropout_rate > 0 and not deterministic:
+            out = self._attention_with_dropout(q, kk, v, mask)
+        else:
+            out = jax.nn.dot_product_attention(q, kk, v, mask=mask, implementation=_impl(cfg))
+        out = out.reshape(b, t, n * h)
+        return dense(cfg, cfg.d_model, ("heads", "embed"), "o", cfg.out_bias)(
+            out, deterministic
+        ), cache
+
+    def _attention_with_dropout(self, q, k, v, mask):
+        # Explicit softmax so attention probabilities can be dropped (BERT fine-tuning recipe);
+        # jax.nn.dot_product_attention has no dropout.
+        cfg = self.cfg
+        g = cfg.num_heads // cfg.num_kv_heads
+        k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+        s = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+        s = s / math.sqrt(cfg.head_dim)
+        s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+        p = jax.nn.softmax(s, axis=-1)
+        p = nn.Dropout(cfg.attn_dropout_rate)(p, deterministic=False)
+        return jnp.einsum("bnts,bsnh->btnh", p.astype(v.dtype), v).astype(q.dtype)
+
+
+def _impl(cfg: ModelConfig):
+    return None if cfg.attention_impl in ("auto", None) else cfg.attention_impl
+
+
+def activation(name: str):
+    return {
+        "silu": jax.nn.silu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "relu": jax.nn.relu,
+    }[name]
+
+
+class MLP(nn.Module):
+    """Gated (SwiGLU, Shazeer 2020: down(act(gate x) * up x)) or plain (down(act(up x)))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        cfg = self.cfg
+        act = activation(cfg.activation)
+        up = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "up", cfg.mlp_bias)(x, deterministic)
+        if cfg.mlp == "gated":
+            gate = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "gate", cfg.mlp_bias)(x, deterministic)
+            h = act(gate) * up
+        else:
+            h = act(up)
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        return dense(cfg, cfg.d_model, ("mlp", "embed"), "down", cfg.mlp_bias)(h, deterministic)
+
+
+def attention_mask(
+    kv_valid: Array,  # [B, S] int/bool: real (non-padding) keys
+    causal: bool,
+    q_pos: Array,  # [B, T] or [T]: slot of each query in the key sequence
+    q_segments: Array | None = None,  # [B, T] packed-example ids (0 = padding)
+    kv_segments: Array | None = None,  # [B, S]
+) -> Array:
+    """Boolean mask [B, 1, T, S]: key s is visible from query t.
+
+    Rows that end up empty (a padding query before every real key) are harmless:
+    jax.nn.dot_product_attention fills masked logits with a large finite negative, so such rows
+    give a uniform softmax instead of NaN, and their outputs are never read.
+    """
+    m = kv_valid.astype(bool)[:, None, None, :]
+    if causal:
+        s = kv_valid.shape[1]
+        q_pos = jnp.broadcast_to(q_pos, (kv_valid.shape[0], jnp.shape(q_pos)[-1]))
+        m = m & (jnp.arange(s)[None, None, None, :] <= q_pos[:, None, :, None])
+    if q_segments is not None:
+        m = m & (q_segments[:, None, :, None] == kv_segments[:, None, None, :])
+    return m
+
+
+def constrain(x: Array, axes: Sequence[str | None]) -> Array:
+    return nn.with_logical_constraint(x, tuple(axes))

@@ -1,0 +1,233 @@
+"""Block and Transformer: one implementation for BERT encoders, GPT-2 and Llama-family decoders.
+
+The model is plain Flax Linen used functionally: ``params = init_params(cfg, rng)`` gives an
+explicit pytree, ``Transformer(cfg).apply({"params": params}, tokens, ...)`` runs it. Which
+architecture runs is decided by the frozen ModelConfig only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm.config import ModelConfig
+from lm.layers import MLP, Attention, Dense, Embed, Norm, attention_mask, constrain, dtype_of
+
+Array = jax.Array
+
+
+class Block(nn.Module):
+    """One transformer layer.
+
+    pre-norm (GPT-2, Llama):  x + attn(norm(x)), then  h + mlp(norm(h))
+    post-norm (BERT):         norm(x + attn(x)), then  norm(h + mlp(h))
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache=None, index=None, deterministic=True):
+        cfg = self.cfg
+        norm = functools.partial(Norm, cfg.norm, cfg.norm_eps, cfg.dtype, cfg.param_dtype)
+        drop = nn.Dropout(cfg.dropout_rate)
+        attn = Attention(cfg, name="attn")
+        mlp = MLP(cfg, name="mlp")
+        if cfg.pre_norm:
+            a, cache = attn(norm(name="attn_norm")(x), positions, mask, cache, index, deterministic)
+            h = x + drop(a, deterministic=deterministic)
+            out = h + drop(
+                mlp(norm(name="mlp_norm")(h), deterministic), deterministic=deterministic
+            )
+        else:
+            a, cache = attn(x, positions, mask, cache, index, deterministic)
+            h = norm(name="attn_norm")(x + drop(a, deterministic=deterministic))
+            m = mlp(h, deterministic)
+            out = norm(name="mlp_norm")(h + drop(m, deterministic=deterministic))
+        return constrain(out, ("batch", "length", "embed")), cache
+
+
+def _remat_policy(name: str):
+    if name == "dots":
+        return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+    return None
+
+
+class Transformer(nn.Module):
+    """Embeddings, ``num_layers`` blocks, and the head named by ``cfg.head``.
+
+    Call with:
+        tokens: int [B, T].
+        mask: int/bool [B, T], 1 for real tokens (default: all real).
+        positions: int [B, T], position of each token in its own sequence (default 0..T-1).
+        token_types: int [B, T] (BERT sentence A/B; default zeros).
+        segment_ids: int [B, T] packed-example ids; attention stays inside a segment.
+        cache: from ``init_cache``; the T tokens are written at slot ``cache["index"]``.
+        deterministic: False enables dropout (needs a "dropout" rng).
+
+    Returns a dict: ``hidden`` [B, T, D]; ``logits`` ([B, T, V] for "lm", [B, C] for
+    "classification", [B, T, C] for "token_classification"), float32; ``pooled`` [B, D] for
+    BERT-style pooler; ``cache`` (updated) when a cache was given.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,
+        mask: Array | None = None,
+        positions: Array | None = None,
+        token_types: Array | None = None,
+        segment_ids: Array | None = None,
+        cache: dict | None = None,
+        deterministic: bool = True,
+    ) -> dict[str, Array]:
+        cfg = self.cfg
+        b, t = tokens.shape
+        if mask is None:
+            mask = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        drop = nn.Dropout(cfg.dropout_rate)
+
+        embed = Embed(cfg.vocab_size, cfg.d_model, cfg.dtype, cfg.param_dtype, name="embed")
+        x = embed(tokens)  # [B, T, D]
+        if cfg.positions == "learned":
+            pos_embed = Embed(
+                cfg.max_len, cfg.d_model, cfg.dtype, cfg.param_dtype, name="pos_embed"
+            )
+            x = x + pos_embed(positions)
+        if cfg.type_vocab_size:
+            if token_types is None:
+                token_types = jnp.zeros((b, t), jnp.int32)
+            type_embed = Embed(
+                cfg.type_vocab_size, cfg.d_model, cfg.dtype, cfg.param_dtype, name="type_embed"
+            )
+            x = x + type_embed(token_types)
+        if cfg.embed_norm:
+            x = Norm(cfg.norm, cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="embed_norm")(x)
+        x = drop(x, deterministic=deterministic)
+        x = constrain(x, ("batch", "length", "embed"))
+
+        if cache is not None:
+            # Decoding: keys live in the cache; the new tokens occupy [index, index + T).
+            index = cache["index"]
+            kv_valid = jax.lax.dynamic_update_slice(
+                cache["mask"], mask.astype(cache["mask"].dtype), (0, index)
+            )
+            attn_mask = attention_mask(kv_valid, cfg.causal, index + jnp.arange(t))
+        else:
+            index, kv_valid = None, None
+            seg = segment_ids
+            attn_mask = attention_mask(mask, cfg.causal, jnp.arange(t), seg, seg)
+
+        block_cls = Block
+        if cfg.remat != "none":
+            block_cls = nn.remat(
+                Block, policy=_remat_policy(cfg.remat), static_argnums=(6,)
+            )  # self is arg 0
+        new_layers = []
+        for i in range(cfg.num_layers):
+            layer_cache = None if cache is None else cache["layers"][i]
+            x, layer_cache = block_cls(cfg, name=f"layers_{i}")(
+                x, positions, attn_mask, layer_cache, index, deterministic
+            )
+            new_layers.append(layer_cache)
+        if cfg.final_norm:
+            x = Norm(cfg.norm, cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
+
+        out: dict[str, Array] = {"hidden": x}
+        if cache is not None:
+            out["cache"] = {"layers": new_layers, "index": index + t, "mask": kv_valid}
+        out.update(self._head(x, mask, embed, deterministic))
+        return out
+
+    def _head(self, x, mask, embed, deterministic):
+        cfg = self.cfg
+        drop = nn.Dropout(cfg.dropout_rate)
+        cls = functools.partial(Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        out = {}
+        pooled = None
+        if cfg.pooler:
+            # BERT pooler: tanh(W h_[CLS] + b), the sentence representation for classification.
+            pooled = jnp.tanh(cls(cfg.d_model, ("embed", "embed2"), True, name="pooler")(x[:, 0]))
+            out["pooled"] = pooled
+        if cfg.head == "lm":
+            if cfg.tie_embeddings:
+                out["logits"] = embed.attend(x)
+            else:
+                head = cls(cfg.vocab_size, ("embed", "vocab"), False, name="lm_head")
+                out["logits"] = head(x).astype(jnp.float32)
+        elif cfg.head == "classification":
+            if pooled is not None:
+                feats = pooled
+            else:
+                # Decoders summarize a sequence by its last real token (as HF *ForSequence-
+                # Classification): the rightmost position whose mask is 1.
+                t = x.shape[1]
+                last = jnp.max(jnp.where(mask.astype(bool), jnp.arange(t), 0), axis=1)
+                feats = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+            feats = drop(feats, deterministic=deterministic)
+            head = cls(cfg.num_labels, ("embed", None), cfg.classifier_bias, name="classifier")
+            out["logits"] = head(feats).astype(jnp.float32)
+        elif cfg.head == "token_classification":
+            feats = drop(x, deterministic=deterministic)
+            head = cls(cfg.num_labels, ("embed", None), cfg.classifier_bias, name="classifier")
+            out["logits"] = head(feats).astype(jnp.float32)
+        return out
+
+
+def _dummy_inputs(cfg: ModelConfig):
+    return jnp.zeros((1, 8), jnp.int32)
+
+
+def init_boxed(cfg: ModelConfig, rng: Array):
+    """Parameters as flax LogicallyPartitioned boxes (carry logical axis names)."""
+    return Transformer(cfg).init(rng, _dummy_inputs(cfg))["params"]
+
+
+def init_params(cfg: ModelConfig, rng: Array | int = 0) -> dict:
+    """Random parameters, a plain pytree of arrays (dtype ``cfg.param_dtype``)."""
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    return nn.unbox(jax.jit(init_boxed, static_argnums=0)(cfg, rng))
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """ShapeDtypeStructs of the parameters, computed without allocating memory."""
+    return nn.unbox(jax.eval_shape(functools.partial(init_boxed, cfg), jax.random.PRNGKey(0)))
+
+
+def logical_axes(cfg: ModelConfig) -> dict:
+    """PartitionSpecs of logical axis names, one per parameter (same tree as the params)."""
+    return nn.get_partition_spec(
+        jax.eval_shape(functools.partial(init_boxed, cfg), jax.random.PRNGKey(0))
+    )
+
+
+def count_params(cfg: ModelConfig) -> int:
+    return sum(x.size for x in jax.tree.leaves(param_shapes(cfg)))
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: str | None = None) -> dict:
+    """An empty KV cache for ``batch`` sequences of up to ``length`` tokens.
+
+    Returns ``{"layers": [{"k": [B, S, K, H], "v": ...}] * L, "index": int32 scalar (next free
+    slot), "mask": int32 [B, S] (1 where a slot holds a real token)}``.
+    """
+    dt = dtype_of(dtype or cfg.dtype)
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    layers = [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.num_layers)]
+    return {
+        "layers": layers,
+        "index": jnp.zeros((), jnp.int32),
+        "mask": jnp.zeros((batch, length), jnp.int32),
+    }
+
+
+def forward(cfg: ModelConfig, params: dict, tokens: Array, **kwargs) -> dict[str, Array]:
+    """Convenience: ``Transformer(cfg).apply({"params": params}, tokens, **kwargs)``."""
+    return Transformer(cfg).apply({"params": params}, tokens, **kwargs)
