@@ -427,24 +427,28 @@ class TensorFiles:
     def _open_safetensors(self, path: str):
         from safetensors import SafetensorError, safe_open
 
+        # Read the header ourselves first: a truncated file has a valid header but short data,
+        # and saying "truncated" is more useful than a deserialization error.
         try:
-            handle = safe_open(path, framework="numpy")
-            keys = list(handle.keys())
-            # Touch the end of the file: a truncated file has a valid header but short data.
             size = os.path.getsize(path)
             with open(path, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
+                if n <= 0 or n > size:
+                    raise ValueError(f"header length {n} does not fit in {size} bytes")
                 header = json.loads(f.read(n))
             end = max(
                 (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
             )
-            if 8 + n + end > size:
-                raise CheckpointError(
-                    f"{path}: truncated safetensors file ({size} bytes, header promises {8 + n + end})"
-                )
-        except SafetensorError as e:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
             raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from e
-        except (OSError, ValueError) as e:
+        if 8 + n + end > size:
+            raise CheckpointError(
+                f"{path}: truncated safetensors file ({size} bytes, header promises {8 + n + end})"
+            )
+        try:
+            handle = safe_open(path, framework="numpy")
+            keys = list(handle.keys())
+        except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from e
         self._handles[path] = handle
         self._headers = getattr(self, "_headers", {})
@@ -673,8 +677,19 @@ def save_hf_dir(
     if cfg.lora_rank:
         raise ValueError("merge LoRA adapters before export (lm.lora.merge)")
     os.makedirs(out_dir, exist_ok=True)
+    hf = config_to_hf(cfg, labels)
+    special = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, key, None) if tokenizer is not None else None
+        if isinstance(value, int):
+            special[key] = value
+    hf.update(special)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config_to_hf(cfg, labels), f, indent=2)
+        json.dump(hf, f, indent=2)
+    if cfg.causal and special:
+        # generate() reads its stopping token from here.
+        with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+            json.dump(special, f, indent=2)
     save_file(
         to_hf_state(cfg, params),
         os.path.join(out_dir, "model.safetensors"),

@@ -1,0 +1,481 @@
+"""Autoregressive decoding: a prefill, then a compiled ``lax.while_loop`` over the KV cache.
+
+    import lm
+    from lm import decode
+    m = lm.load("smollm2-135m-instruct")
+    cfg, params = decode.prepare(m.cfg, m.params, "float32")
+    [g] = decode.generate(cfg, params, [m.tokenizer("The capital of France is")["input_ids"]],
+                          max_new_tokens=32, eos_ids=decode.eos_ids_of(m))
+    print(m.tokenizer.decode(g.token_ids))
+
+Shapes are bucketed so that a session compiles a handful of programs: the batch is padded to
+``batch_size`` rows (2 at least in bfloat16, see below), prompts are left-padded to a length
+bucket ``P`` and the cache holds ``S = P + N`` slots, N the new-token budget rounded up to 32.
+Two programs exist per (batch, P, S) bucket: ``_prefill`` (the prompt in one forward pass, first
+token sampled) and ``_loop`` (a ``while_loop`` of one-token steps that stops at ``stop_at`` or
+when every row has emitted an end-of-sequence id). Both are compiled ahead of time and cached,
+so compile time is measured apart from run time.
+
+Why the loop runs in chunks driven from the host: stop strings need detokenized text, and
+streaming needs tokens on the host, neither of which exists inside XLA. The loop state (cache
+included) stays on the device and is donated to each call, so a chunk costs one dispatch; with
+neither streaming nor stop strings the whole generation is a single call. Streaming uses chunks
+of one token (measured: the per-call overhead is well under a millisecond, ~2% of a SmolLM2 step),
+which keeps ``jax.debug.callback``'s host sync points out of the compiled loop.
+
+Numerics and speed on CPU (see PERF-NOTES): every matmul accumulates in float32. The output
+projection is computed for the last position only (never [B, T, V] in the prefill). bfloat16
+matrix x vector products are ~12x slower than fp32 in XLA on these CPUs while batch >= 2 takes
+the fast AMX path, so bfloat16 decoding pads a batch of 1 to 2 rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm.config import ModelConfig
+from lm.layers import dtype_of
+from lm.model import Transformer, init_cache
+from lm.sampling import Greedy, Sample, Strategy, choose
+
+Array = jax.Array
+
+DTYPES = ("float32", "bfloat16")
+
+
+class DecodeError(ValueError):
+    """A decoding request that cannot run as given (the message says what to change)."""
+
+
+@dataclasses.dataclass
+class Generation:
+    """The result for one prompt.
+
+    Attributes:
+        token_ids: generated ids only, including the final end-of-sequence id if one was
+            produced (a stop string ends the list at the token that completed it).
+        finish_reason: "eos", "stop" (a stop string; see ``stop_strings``) or "length".
+        num_prompt_tokens: prompt length after any left truncation.
+        truncated: how many prompt tokens were cut from the left.
+        timings: seconds for the batch this prompt ran in: ``compile``, ``prefill``, ``decode``.
+    """
+
+    token_ids: list[int]
+    finish_reason: str
+    num_prompt_tokens: int
+    truncated: int = 0
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters and model pieces.
+
+
+def prepare(cfg: ModelConfig, params, dtype: str | None = None) -> tuple[ModelConfig, dict]:
+    """A decoding config and device parameters in ``dtype`` ("float32" or "bfloat16").
+
+    The compute dtype follows the parameter dtype: bfloat16 weights with float32 accumulation
+    are the fast path on CPU, while mixing bfloat16 weights with float32 activations would cast
+    every weight on every step.
+
+    Raises:
+        DecodeError: for a model without an LM head, an encoder, or an unknown dtype.
+    """
+    if cfg.head != "lm":
+        raise DecodeError(f"decoding needs a model with an LM head; this one has head={cfg.head!r}")
+    if not cfg.causal:
+        raise DecodeError(f"decoding needs a causal decoder; {cfg.family!r} is bidirectional")
+    dtype = dtype or cfg.param_dtype
+    if dtype not in DTYPES:
+        raise DecodeError(f"dtype={dtype!r} is not one of {list(DTYPES)}")
+    cfg = cfg.replace(dtype=dtype, param_dtype=dtype, dropout_rate=0.0, attn_dropout_rate=0.0)
+    dt = dtype_of(dtype)
+    params = jax.device_put(jax.tree.map(lambda x: jnp.asarray(x, dt), params))
+    return cfg, params
+
+
+def _lm_head(cfg: ModelConfig, params: dict, h: Array) -> Array:
+    """Logits [B, V] float32 of hidden states h [B, D], as the model's own head computes them."""
+    dt = dtype_of(cfg.dtype)
+    if cfg.tie_embeddings:
+        w, contract = params["embed"]["embedding"], 1  # [V, D]
+    else:
+        w, contract = params["lm_head"]["kernel"], 0  # [D, V]
+    return jax.lax.dot_general(
+        h.astype(dt), w.astype(dt), (((1,), (contract,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )  # fmt: skip
+
+
+def _trunk(cfg: ModelConfig, params: dict, tokens, mask, positions, cache):
+    """Final hidden states [B, T, D] and the updated cache; no [B, T, V] logits are made."""
+    trunk = {k: v for k, v in params.items() if k != "lm_head"}
+    out = Transformer(cfg.replace(head="none")).apply(
+        {"params": trunk}, tokens, mask=mask, positions=positions, cache=cache
+    )
+    return out["hidden"], out["cache"]
+
+
+def _row_keys(keys: Array, step: Array) -> Array:
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+
+
+def _prefill(params, tokens, mask, keys, eos_ids, *, cfg, strategy, cache_len, out_len):
+    """Run the left-padded prompts tokens/mask [B, P] and sample the first new token.
+
+    Returns the loop state: ``cache``; ``token`` [B] (last sampled, fed next); ``pos`` [B] (its
+    position); ``done`` [B] bool; ``out`` [B, N] generated ids; ``step`` (ids generated so far);
+    ``keys`` [B] per-row PRNG keys.
+    """
+    b = tokens.shape[0]
+    cache = init_cache(cfg, b, cache_len)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)  # [B, P]
+    h, cache = _trunk(cfg, params, tokens, mask, positions, cache)
+    logits = _lm_head(cfg, params, h[:, -1])  # left padding: the last column is real
+    token = choose(logits, strategy, _row_keys(keys, jnp.int32(0)))
+    return {
+        "cache": cache,
+        "token": token,
+        "pos": jnp.sum(mask, axis=1).astype(jnp.int32),
+        "done": jnp.isin(token, eos_ids),
+        "out": jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(token),
+        "step": jnp.ones((), jnp.int32),
+        "keys": keys,
+    }
+
+
+def _loop(params, state, eos_ids, stop_at, *, cfg, strategy):
+    """Generate one token per iteration until ``step == stop_at`` or every row is done."""
+    b = state["token"].shape[0]
+    ones = jnp.ones((b, 1), jnp.int32)
+
+    def cond(s):
+        return (s["step"] < stop_at) & ~jnp.all(s["done"])
+
+    def body(s):
+        h, cache = _trunk(cfg, params, s["token"][:, None], ones, s["pos"][:, None], s["cache"])
+        logits = _lm_head(cfg, params, h[:, 0])  # [B, V]
+        token = choose(logits, strategy, _row_keys(s["keys"], s["step"]))
+        out = jax.lax.dynamic_update_slice(s["out"], token[:, None], (0, s["step"]))
+        done = s["done"] | jnp.isin(token, eos_ids)
+        return dict(s, cache=cache, token=token, pos=s["pos"] + 1, done=done, out=out,
+                    step=s["step"] + 1)  # fmt: skip
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+# Compiled programs, keyed by everything that shapes them. Compile once per bucket.
+_COMPILED: dict = {}
+
+
+def _signature(tree) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return (treedef, tuple((x.shape, str(x.dtype)) for x in leaves))
+
+
+def _compiled(kind: str, fn, args: tuple, static: dict, donate: tuple = ()):
+    key = (kind, _signature(args), tuple(sorted(static.items(), key=lambda kv: kv[0])))
+    hit = _COMPILED.get(key)
+    if hit is not None:
+        return hit, 0.0
+    t0 = time.perf_counter()
+    jitted = jax.jit(functools.partial(fn, **static), donate_argnums=donate)
+    exe = jitted.lower(*args).compile()
+    _COMPILED[key] = exe
+    return exe, time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------
+# Host side: validation, bucketing, batching, the chunked loop.
+
+
+def length_bucket(n: int) -> int:
+    """Padded prompt length: powers of two up to 256 (at least 16), then multiples of 128."""
+    if n <= 256:
+        return max(16, 1 << (n - 1).bit_length())
+    return -(-n // 128) * 128
+
+
+def check_request(
+    prompts: Sequence[Sequence[int]], max_new_tokens: int, context: int, truncate: bool
+) -> list[tuple[list[int], int]]:
+    """Validated prompts, left-truncated when allowed: a list of (ids, tokens cut).
+
+    Raises:
+        DecodeError: for max_new_tokens < 1, an empty prompt, or a prompt that leaves no room
+            for max_new_tokens within the context (unless ``truncate``).
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer):
+        raise DecodeError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    if max_new_tokens < 1:
+        raise DecodeError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if max_new_tokens >= context:
+        raise DecodeError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+            f"context of {context} tokens; use max_new_tokens < {context}"
+        )
+    if not prompts:
+        raise DecodeError("no prompts given")
+    room = context - max_new_tokens
+    result = []
+    for i, ids in enumerate(prompts):
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise DecodeError(f"prompt {i} is empty (0 tokens); give at least one token")
+        cut = 0
+        if len(ids) > room:
+            if not truncate:
+                raise DecodeError(
+                    f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
+                    f"at most {room} fit the context of {context} tokens. Shorten the prompt, "
+                    "lower max_new_tokens, or enable left truncation (truncate=True)"
+                )
+            cut = len(ids) - room
+            ids = ids[cut:]
+        result.append((ids, cut))
+    return result
+
+
+def _left_pad(rows: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, ids in enumerate(rows):
+        tokens[i, length - len(ids) :] = ids
+        mask[i, length - len(ids) :] = 1
+    return tokens, mask
+
+
+def _check_vocab(cfg: ModelConfig, prompts: list[tuple[list[int], int]]):
+    for i, (ids, _) in enumerate(prompts):
+        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise DecodeError(
+                f"prompt {i} holds token ids outside the vocabulary [0, {cfg.vocab_size}): "
+                f"{bad[:5]}"
+            )
+
+
+def generate(
+    cfg: ModelConfig,
+    params: dict,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    strategy: Strategy = Greedy(),
+    *,
+    seed: int = 0,
+    eos_ids: Sequence[int] = (),
+    batch_size: int = 0,
+    context: int = 0,
+    truncate: bool = False,
+    should_stop: Callable[[int, list[int]], bool] | None = None,
+    on_tokens: Callable[[int, list[int]], None] | None = None,
+    chunk: int = 0,
+) -> list[Generation]:
+    """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
+
+    Args:
+        cfg, params: from ``prepare`` (device parameters in the decoding dtype).
+        prompts: token id lists, any lengths; they are left-padded into batches.
+        max_new_tokens: >= 1.
+        strategy: ``Greedy()`` or ``Sample(...)``.
+        seed: sampling seed. Row i of the input draws from ``fold_in(key(seed), i)``, so a
+            prompt's samples do not depend on the batch it shares.
+        eos_ids: ids that end a sequence (kept as its last generated token).
+        batch_size: rows per compiled batch (0: all prompts in one batch).
+        context: the longest sequence (prompt + new tokens); 0 means ``cfg.max_len``.
+        truncate: cut over-long prompts from the left instead of raising.
+        should_stop: ``(row, generated ids) -> bool`` checked between chunks (stop strings).
+        on_tokens: ``(row, new ids)`` called between chunks with the ids generated since the
+            last call (streaming).
+        chunk: tokens per compiled call (0: 1 when streaming, 16 with ``should_stop``, else
+            the whole budget in one call).
+
+    Returns:
+        One Generation per prompt, in input order.
+
+    Raises:
+        DecodeError: before anything compiles, for a request that cannot run as given.
+    """
+    if not isinstance(strategy, Greedy | Sample):
+        raise DecodeError(f"strategy must be Greedy() or Sample(...), got {strategy!r}")
+    context = int(context or cfg.max_len)
+    if cfg.positions == "learned" and context > cfg.max_len:
+        raise DecodeError(
+            f"context={context} exceeds the model's {cfg.max_len} learned positions"
+        )
+    checked = check_request(prompts, max_new_tokens, context, truncate)
+    _check_vocab(cfg, checked)
+    if not chunk:
+        chunk = 1 if on_tokens else (16 if should_stop else max_new_tokens)
+    eos = jnp.asarray(sorted({int(e) for e in eos_ids}), jnp.int32)
+    base_key = jax.random.key(seed)
+
+    # Sort by length so each batch pads little; results are put back in input order.
+    order = sorted(range(len(checked)), key=lambda i: len(checked[i][0]))
+    batch_size = batch_size or len(order)
+    results: list[Generation | None] = [None] * len(checked)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        gens = _generate_batch(
+            cfg, params, [checked[i][0] for i in rows], rows, max_new_tokens, strategy,
+            base_key, eos, batch_size, should_stop, on_tokens, chunk,
+        )  # fmt: skip
+        for i, g in zip(rows, gens):
+            g.truncated = checked[i][1]
+            results[i] = g
+    return results  # type: ignore[return-value]
+
+
+def _generate_batch(
+    cfg, params, rows, row_ids, max_new, strategy, base_key, eos, batch_size, should_stop,
+    on_tokens, chunk,
+) -> list[Generation]:  # fmt: skip
+    n = len(rows)
+    # Fixed batch shape per session (the last partial batch is padded with copies); bfloat16
+    # needs >= 2 rows for the fast matmul path (PERF-NOTES: bf16 matrix x vector is slow).
+    b = max(batch_size, 2 if cfg.dtype == "bfloat16" else 1)
+    padded = rows + [rows[-1]] * (b - n)
+    p = length_bucket(max(len(r) for r in padded))
+    out_len = -(-max_new // 32) * 32
+    tokens, mask = _left_pad(padded, p, pad_id=0)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+        base_key, jnp.asarray(list(row_ids) + [row_ids[-1]] * (b - n), jnp.uint32)
+    )
+    static = dict(cfg=cfg, strategy=strategy)
+    args = (params, jnp.asarray(tokens), jnp.asarray(mask), keys, eos)
+    prefill, c1 = _compiled(
+        "prefill", _prefill, args, dict(static, cache_len=p + out_len, out_len=out_len)
+    )
+    t0 = time.perf_counter()
+    state = prefill(*args)
+    state["token"].block_until_ready()
+    t_prefill = time.perf_counter() - t0
+    loop_args = (params, state, eos, jnp.int32(0))
+    loop, c2 = _compiled("loop", _loop, loop_args, static, donate=(1,))
+
+    t0 = time.perf_counter()
+    step, done_host = 1, np.zeros(b, bool)
+    stopped = np.zeros(b, bool)
+    out = np.asarray(state["out"])
+    done_host = np.asarray(state["done"])
+
+    def emit(lo: int, hi: int):
+        for r in range(n):
+            if on_tokens and hi > lo:
+                on_tokens(r, out[r, lo:hi].tolist())
+            if should_stop and not stopped[r] and not done_host[r]:
+                if should_stop(r, out[r, :hi].tolist()):
+                    stopped[r] = True
+
+    emit(0, 1)
+    while step < max_new and not np.all((done_host | stopped)[:n]):
+        if stopped.any():
+            state["done"] = jnp.asarray(done_host | stopped | (np.arange(b) >= n))
+        state = loop(params, state, eos, jnp.int32(min(max_new, step + chunk)))
+        new_step = int(state["step"])
+        out, done_host = np.asarray(state["out"]), np.asarray(state["done"])
+        emit(step, new_step)
+        step = new_step
+    t_decode = time.perf_counter() - t0
+
+    eos_set = set(np.asarray(eos).tolist())
+    timings = {"compile": c1 + c2, "prefill": t_prefill, "decode": t_decode}
+    gens = []
+    for r in range(n):
+        ids = out[r, :step].tolist()
+        reason = "length"
+        for j, t in enumerate(ids):
+            if t in eos_set:
+                ids, reason = ids[: j + 1], "eos"
+                break
+        if stopped[r] and reason != "eos":
+            reason = "stop"
+        gens.append(Generation(ids, reason, len(rows[r]), timings=dict(timings)))
+    return gens
+
+
+# --------------------------------------------------------------------------------------------
+# Text level: stop strings, end-of-sequence ids, loading.
+
+
+def stop_string_checker(tokenizer, stop_strings: Sequence[str]):
+    """A ``should_stop`` for ``generate``: true once the decoded text contains a stop string."""
+    stops = [s for s in stop_strings if s]
+
+    def should_stop(row: int, ids: list[int]) -> bool:
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        return any(s in text for s in stops)
+
+    return should_stop if stops else None
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to (excluding) the earliest stop string, and whether one was found."""
+    cuts = [text.find(s) for s in stop_strings if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def eos_ids_of(pretrained, extra: Sequence[int] = ()) -> list[int]:
+    """End-of-sequence ids: the tokenizer's, the checkpoint's config/generation_config's, extra."""
+    ids = set(int(e) for e in extra)
+    tok = getattr(pretrained, "tokenizer", None)
+    if tok is not None and tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    path = getattr(pretrained, "path", "")
+    if path and os.path.isdir(path):
+        for name in ("generation_config.json", "config.json"):
+            f = os.path.join(path, name)
+            if os.path.exists(f):
+                with open(f) as fh:
+                    e = json.load(fh).get("eos_token_id")
+                ids.update([e] if isinstance(e, int) else list(e or []))
+    return sorted(ids)
+
+
+def is_workdir(path: str) -> bool:
+    """A training run directory (``config.json`` written by lm, not an HF model config)."""
+    cfg = os.path.join(path, "config.json")
+    if not (os.path.isdir(path) and os.path.exists(cfg)):
+        return False
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return True
+    try:
+        with open(cfg) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model_type" not in data
+
+
+def load_for_decode(name: str, dtype: str | None = None):
+    """A ``Pretrained`` for decoding from a short name, HF dir, hub id, GGUF file or workdir.
+
+    A fine-tuning workdir is restored through ``lm.checkpoint.load_workdir`` (owned by the
+    training code).
+
+    Raises:
+        NotImplementedError: for a workdir while lm.checkpoint does not provide load_workdir.
+        CheckpointError: when nothing is found under ``name``.
+    """
+    path = os.path.expanduser(str(name))
+    if is_workdir(path):
+        try:
+            from lm.checkpoint import load_workdir  # type: ignore[attr-defined]
+        except ImportError as e:
+            raise NotImplementedError(
+                f"{path} is a training workdir, but lm.checkpoint.load_workdir is not available "
+                "yet; export the run to an HF directory and pass that directory as the model"
+            ) from e
+        return load_workdir(path, dtype=dtype)
+    from lm.pretrained import load
+
+    return load(name, dtype=dtype)

@@ -1,0 +1,142 @@
+"""Metrics: classification scores from confusion matrices, and where metrics are written.
+
+A run writes three views of the same numbers into its workdir:
+    metrics.jsonl   one JSON object per line: ``step`` and namespaced metrics
+                    (``train/loss``, ``train/lr``, ``train/examples_per_s``, ``eval/loss``,
+                    ``eval/accuracy``, ``eval/f1``); appended, so a resumed run continues it
+    events.out.*    TensorBoard scalars (tensorboardX), under ``workdir/tb``
+    curves.png      train and eval loss and the eval metrics against the step
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+
+def confusion_scores(confusion: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro-F1 from a confusion matrix ``[true, predicted]`` (counts or weights).
+
+    Macro-F1 averages the per-class F1 over classes that occur in the labels or the
+    predictions (sklearn's ``f1_score(average="macro")`` with its zero_division=0 default
+    for classes that occur in neither is the same for our purposes: such classes are skipped).
+    """
+    c = np.asarray(confusion, dtype=np.float64)
+    total = c.sum()
+    tp = np.diag(c)
+    support, predicted = c.sum(1), c.sum(0)
+    present = (support + predicted) > 0
+    denom = support + predicted
+    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1e-12), 0.0)
+    return {
+        "accuracy": float(tp.sum() / total) if total else float("nan"),
+        "f1": float(f1[present].mean()) if present.any() else float("nan"),
+    }
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl (an unfinished last line, from a kill, is skipped)."""
+    rows = []
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+class MetricWriter:
+    """Appends to ``workdir/metrics.jsonl`` and TensorBoard; plots ``curves.png`` on demand.
+
+    On resume, rows logged after the restored step (written before a crash) are dropped first,
+    so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
+        self.workdir = workdir
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except ImportError:  # optional: metrics.jsonl is the record
+                self._tb = None
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": int(step)}
+        row.update({k: _clean(v) for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, int | float | np.floating | np.integer) and math.isfinite(v):
+                    self._tb.add_scalar(k, float(v), int(step))
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def plot(self, metric: str = "eval/accuracy") -> str | None:
+        """Write ``curves.png``: losses on the left, eval metrics on the right."""
+        return plot_curves(self.path, os.path.join(self.workdir, "curves.png"), metric)
+
+
+def _clean(v):
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/Inf; keep it readable
+    return v
+
+
+def plot_curves(jsonl: str, out: str, metric: str = "eval/accuracy") -> str | None:
+    rows = read_jsonl(jsonl)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
+        return zip(*pts, strict=True) if pts else ((), ())
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("train/loss", "eval/loss"):
+        xs, ys = series(key)
+        if xs:
+            ax1.plot(xs, ys, label=key, marker="o" if key.startswith("eval") else None)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    keys = sorted({k for r in rows for k in r if k.startswith("eval/") and k != "eval/loss"})
+    for key in keys:
+        xs, ys = series(key)
+        if xs:
+            ax2.plot(xs, ys, label=key, marker="o", linewidth=2 if key == metric else 1)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("eval metric")
+    if keys:
+        ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
