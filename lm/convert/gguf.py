@@ -8,6 +8,7 @@ halves, so the permutation is undone here (see llama.cpp ``convert_hf_to_gguf.py
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -19,10 +20,18 @@ ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
 
 
 def _reader(path: str):
-    import gguf
-
+    """A (cached) ``gguf.GGUFReader``: parsing the 49k-token vocabulary takes seconds, and both
+    the weights and the tokenizer need it."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: GGUF file not found")
+    st = os.stat(path)
+    return _cached_reader(os.path.abspath(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, mtime_ns: int, size: int):
+    import gguf
+
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - the reader raises ValueError, struct.error, IndexError
