@@ -309,9 +309,7 @@ def generate(
         raise DecodeError(f"strategy must be Greedy() or Sample(...), got {strategy!r}")
     context = int(context or cfg.max_len)
     if cfg.positions == "learned" and context > cfg.max_len:
-        raise DecodeError(
-            f"context={context} exceeds the model's {cfg.max_len} learned positions"
-        )
+        raise DecodeError(f"context={context} exceeds the model's {cfg.max_len} learned positions")
     checked = check_request(prompts, max_new_tokens, context, truncate)
     _check_vocab(cfg, checked)
     if not chunk:
