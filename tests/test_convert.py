@@ -45,8 +45,13 @@ def minilm():
 def test_minilm_hidden_and_pooled_match_transformers(minilm):
     b = minilm.tokenizer(SENTENCES, padding=True, return_tensors="np")
     assert len(set(b["attention_mask"].sum(1))) == 4  # four different lengths, padded
-    out = _run(minilm.cfg, minilm.params, b["input_ids"], b["attention_mask"],
-               token_types=jnp.asarray(b["token_type_ids"]))
+    out = _run(
+        minilm.cfg,
+        minilm.params,
+        b["input_ids"],
+        b["attention_mask"],
+        token_types=jnp.asarray(b["token_type_ids"]),
+    )
     ref = transformers.AutoModel.from_pretrained(minilm.path).eval()
     with torch.no_grad():
         r = ref(**{k: torch.tensor(v) for k, v in b.items()})
@@ -63,17 +68,28 @@ def smollm2():
 def smollm2_torch(smollm2):
     # transformers' own GGUF reader: an independent dequantization and Q/K un-permutation.
     d, f = os.path.split(smollm2.path)
-    return transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        d, gguf_file=f, dtype=torch.float32
+    ).eval()
 
 
 def test_smollm2_gguf_logits_match_transformers(smollm2, smollm2_torch):
     tok = smollm2.tokenizer
-    b = tok(["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a land far away, there lived"],
-            padding=True, padding_side="right", return_tensors="np")
+    b = tok(
+        [
+            "The capital of France is",
+            "def fibonacci(n):\n    ",
+            "Once upon a time, in a land far away, there lived",
+        ],
+        padding=True,
+        padding_side="right",
+        return_tensors="np",
+    )
     out = _run(smollm2.cfg, smollm2.params, b["input_ids"], b["attention_mask"])
     with torch.no_grad():
-        r = smollm2_torch(input_ids=torch.tensor(b["input_ids"]),
-                          attention_mask=torch.tensor(b["attention_mask"])).logits.numpy()
+        r = smollm2_torch(
+            input_ids=torch.tensor(b["input_ids"]), attention_mask=torch.tensor(b["attention_mask"])
+        ).logits.numpy()
     assert _masked_max(out["logits"], r, b["attention_mask"]) < 1e-3
 
 
@@ -91,30 +107,38 @@ def _greedy(cfg, params, ids, n, eos=2):
         buf[0, i] = int(np.argmax(logits[0, i - 1]))
         if buf[0, i] == eos:
             return buf[0, len(ids) : i + 1].tolist()
-    return buf[0, len(ids):].tolist()
+    return buf[0, len(ids) :].tolist()
 
 
 def test_smollm2_greedy_chat_continuation_matches_transformers(smollm2, smollm2_torch):
     tok = smollm2.tokenizer
-    ids = tok.apply_chat_template([{"role": "user", "content": "Tell me a story about a brave robot."}],
-                                  add_generation_prompt=True, tokenize=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Tell me a story about a brave robot."}],
+        add_generation_prompt=True,
+        tokenize=True,
+    )["input_ids"]
     ours = _greedy(smollm2.cfg, smollm2.params, ids, 16)
     assert len(ours) == 16  # no early EOS: all 16 tokens compared
     with torch.no_grad():
         ref = smollm2_torch.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
-    assert ours == ref[0, len(ids):].tolist()
+    assert ours == ref[0, len(ids) :].tolist()
 
 
 def test_gguf_tokenizer_matches_transformers_gguf_tokenizer(smollm2):
     d, f = os.path.split(smollm2.path)
     ref = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
-    texts = ["Hello world!", "  leading spaces and\ttabs\n", "numbers 12345 and émojis 🙂",
-             "<|im_start|>user\nhi<|im_end|>"]
+    texts = [
+        "Hello world!",
+        "  leading spaces and\ttabs\n",
+        "numbers 12345 and émojis 🙂",
+        "<|im_start|>user\nhi<|im_end|>",
+    ]
     for t in texts:
         assert smollm2.tokenizer(t)["input_ids"] == ref(t)["input_ids"], t
     msgs = [{"role": "user", "content": "hi"}]
     assert smollm2.tokenizer.apply_chat_template(msgs, tokenize=False) == ref.apply_chat_template(
-        msgs, tokenize=False)
+        msgs, tokenize=False
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,9 +175,15 @@ def test_gpt2_random_tiny(tmp_path):
 
 
 def test_qwen2_random_tiny_with_qkv_bias(tmp_path):
-    c = transformers.Qwen2Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                                 intermediate_size=64, num_hidden_layers=2, vocab_size=128,
-                                 tie_word_embeddings=False)
+    c = transformers.Qwen2Config(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        vocab_size=128,
+        tie_word_embeddings=False,
+    )
     d, model = _tiny_hf(tmp_path, "qwen2", c, transformers.Qwen2ForCausalLM)
     # Random init leaves biases at zero; make them count.
     with torch.no_grad():
@@ -166,41 +196,79 @@ def test_qwen2_random_tiny_with_qkv_bias(tmp_path):
 
 
 def test_mistral_random_tiny(tmp_path):
-    c = transformers.MistralConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=1,
-                                   intermediate_size=64, num_hidden_layers=2, vocab_size=128,
-                                   sliding_window=None, head_dim=16)
+    c = transformers.MistralConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        vocab_size=128,
+        sliding_window=None,
+        head_dim=16,
+    )
     d, model = _tiny_hf(tmp_path, "mistral", c, transformers.MistralForCausalLM)
     m = _compare_causal(d, model)
     assert m.cfg.num_kv_heads == 1 and m.cfg.head_dim == 16
 
 
-@pytest.mark.parametrize("scaling", [
-    {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
-    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 16, "rope_theta": 500000.0},
-])
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "rope_theta": 500000.0,
+        },
+    ],
+)
 def test_llama_random_tiny_with_rope_scaling(tmp_path, scaling):
-    c = transformers.LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                                 intermediate_size=64, num_hidden_layers=2, vocab_size=128,
-                                 max_position_embeddings=64, rope_parameters=scaling,
-                                 tie_word_embeddings=False)
+    c = transformers.LlamaConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        rope_parameters=scaling,
+        tie_word_embeddings=False,
+    )
     d, model = _tiny_hf(tmp_path, "llama", c, transformers.LlamaForCausalLM)
     m = _compare_causal(d, model)
     assert m.cfg.rope_scaling_dict["type"] == scaling["rope_type"]
 
 
 def test_sequence_classifiers_random_tiny(tmp_path):
-    bert = transformers.BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                                   num_hidden_layers=2, vocab_size=128, num_labels=3)
-    llama = transformers.LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                                     intermediate_size=64, num_hidden_layers=2, vocab_size=128,
-                                     num_labels=3, pad_token_id=0)
+    bert = transformers.BertConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        vocab_size=128,
+        num_labels=3,
+    )
+    llama = transformers.LlamaConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        vocab_size=128,
+        num_labels=3,
+        pad_token_id=0,
+    )
     ids = np.random.default_rng(1).integers(1, 128, (2, 9))
     mask = np.ones_like(ids)
     mask[1, 5:] = 0
     ids[1, 5:] = 0
-    for name, c, cls in [("bert", bert, transformers.BertForSequenceClassification),
-                         ("llama", llama, transformers.LlamaForSequenceClassification)]:
+    for name, c, cls in [
+        ("bert", bert, transformers.BertForSequenceClassification),
+        ("llama", llama, transformers.LlamaForSequenceClassification),
+    ]:
         d, model = _tiny_hf(tmp_path, name, c, cls)
         m = lm.load(d, tokenizer=False)
         assert m.cfg.head == "classification" and not m.missing_head
@@ -211,8 +279,14 @@ def test_sequence_classifiers_random_tiny(tmp_path):
 
 
 def test_token_classifier_random_tiny(tmp_path):
-    c = transformers.BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                                num_hidden_layers=2, vocab_size=128, num_labels=5)
+    c = transformers.BertConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        vocab_size=128,
+        num_labels=5,
+    )
     d, model = _tiny_hf(tmp_path, "bert-tok", c, transformers.BertForTokenClassification)
     m = lm.load(d, tokenizer=False)
     ids = np.random.default_rng(2).integers(1, 128, (2, 9))
@@ -232,8 +306,13 @@ def test_bert_export_round_trip(minilm, tmp_path):
     ref = transformers.AutoModel.from_pretrained(out_dir).eval()
     tok = transformers.AutoTokenizer.from_pretrained(out_dir)
     b = tok(SENTENCES, padding=True, return_tensors="np")
-    ours = _run(minilm.cfg, minilm.params, b["input_ids"], b["attention_mask"],
-                token_types=jnp.asarray(b["token_type_ids"]))
+    ours = _run(
+        minilm.cfg,
+        minilm.params,
+        b["input_ids"],
+        b["attention_mask"],
+        token_types=jnp.asarray(b["token_type_ids"]),
+    )
     with torch.no_grad():
         r = ref(**{k: torch.tensor(v) for k, v in b.items()})
     assert _masked_max(ours["hidden"], r.last_hidden_state.numpy(), b["attention_mask"]) < 1e-4
@@ -257,9 +336,17 @@ def test_classifier_export_keeps_label_names(tmp_path):
 @pytest.fixture(scope="module")
 def smollm2_hf_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("convert") / "smollm2-hf")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/convert.py"),
-                        "--model=smollm2-135m-instruct", f"--out={out}"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts/convert.py"),
+            "--model=smollm2-135m-instruct",
+            f"--out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     yield out
     shutil.rmtree(out, ignore_errors=True)
@@ -268,16 +355,21 @@ def smollm2_hf_dir(tmp_path_factory):
 def test_convert_script_gguf_to_hf_reproduces_logits_and_greedy(smollm2, smollm2_hf_dir):
     with open(os.path.join(smollm2_hf_dir, "config.json")) as f:
         assert json.load(f)["model_type"] == "llama"
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_hf_dir, dtype=torch.float32
+    ).eval()
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_hf_dir)
-    ids = tok.apply_chat_template([{"role": "user", "content": "Write a haiku about rain."}],
-                                  add_generation_prompt=True, tokenize=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Write a haiku about rain."}],
+        add_generation_prompt=True,
+        tokenize=True,
+    )["input_ids"]
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits.numpy()
         gen = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
     ours = _run(smollm2.cfg, smollm2.params, [ids], np.ones((1, len(ids))))["logits"]
     assert np.abs(np.asarray(ours) - logits).max() < 1e-3
-    assert _greedy(smollm2.cfg, smollm2.params, ids, 16) == gen[0, len(ids):].tolist()
+    assert _greedy(smollm2.cfg, smollm2.params, ids, 16) == gen[0, len(ids) :].tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +404,10 @@ def test_shapes_disagree_with_config(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["intermediate_size"] = 1000
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"intermediate.dense.weight in model.safetensors: shape \[1536, 384\], config.json implies \[1000, 384\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"intermediate.dense.weight in model.safetensors: shape \[1536, 384\], config.json implies \[1000, 384\]",
+    ):
         lm.load(str(tmp_path), tokenizer=False)
 
 
@@ -337,7 +432,9 @@ def test_truncated_and_garbage_gguf(tmp_path):
     data = open(src, "rb").read()
     short = tmp_path / "short.gguf"
     short.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"short.gguf: (truncated GGUF file|not a readable GGUF)"):
+    with pytest.raises(
+        CheckpointError, match=r"short.gguf: (truncated GGUF file|not a readable GGUF)"
+    ):
         lm.load(str(short), tokenizer=False)
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\xff" * 64)
