@@ -23,18 +23,28 @@ Batches (numpy dicts, from lm.data):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 import math
+import os
+import shutil
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
+from jax.sharding import Mesh
 
+from lm import sharding
 from lm.config import ModelConfig
 from lm.metrics import confusion_scores
 from lm.model import Transformer
@@ -274,3 +284,353 @@ def predict_step(params, batch: dict[str, Array], *, cfg: ModelConfig) -> Array:
         deterministic=True,
     )
     return jax.nn.softmax(out["logits"], axis=-1)
+
+
+# --- jitting with shardings ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules=sharding.DEFAULT_RULES):
+    """Call jitted steps under ``mesh`` and the logical-axis ``rules`` (activation constraints
+    apply when they are traced). Build states and shardings outside it."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+        yield
+
+
+def state_shardings(cfg: ModelConfig, tx, mesh: Mesh, rules=sharding.DEFAULT_RULES):
+    """``(abstract_state, shardings)``: the TrainState's ShapeDtypeStructs and NamedShardings,
+    derived from ``jax.eval_shape`` of the init (no memory is allocated)."""
+    from lm.model import param_shapes
+
+    params_struct = param_shapes(cfg)
+    param_sh = sharding.param_shardings(cfg, mesh, rules)
+    abstract = jax.eval_shape(functools.partial(create_state, tx=tx), params_struct)
+    opt_sh = sharding.tree_shardings_like(abstract.opt_state, param_sh, params_struct, mesh)
+    shardings = TrainState(sharding.replicated(mesh), param_sh, opt_sh)
+    return abstract, shardings
+
+
+def jit_train_step(cfg, task, tx, schedule, shardings, mesh, grad_accum=1, label_smoothing=0.0):
+    """``train_step`` bound to its static parts, jitted with explicit shardings; donates the
+    state. Call as ``step(state, batch, rng)``."""
+    fn = functools.partial(
+        train_step,
+        cfg=cfg,
+        task=task,
+        tx=tx,
+        schedule=schedule,
+        grad_accum=grad_accum,
+        label_smoothing=label_smoothing,
+    )
+    # P(('data', 'fsdp')) splits the first dim of a leaf of any rank: one sharding for all.
+    batch_sh = sharding.batch_sharding(mesh, 1)
+    rep = sharding.replicated(mesh)
+    return jax.jit(
+        fn,
+        in_shardings=(shardings, batch_sh, rep),
+        out_shardings=(shardings, rep),
+        donate_argnums=0,
+    )
+
+
+def jit_eval_step(cfg, task, param_shardings, mesh):
+    fn = functools.partial(eval_step, cfg=cfg, task=task)
+    rep = sharding.replicated(mesh)
+    return jax.jit(
+        fn, in_shardings=(param_shardings, sharding.batch_sharding(mesh, 1)), out_shardings=rep
+    )
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN/Inf loss); the message names the step and the checkpoint
+    that is kept."""
+
+
+class WorkdirError(RuntimeError):
+    """The workdir holds a different run (another model, data or recipe)."""
+
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "curves.png", "model.json", "tokenizer")
+
+
+def check_workdir(config, workdir: str) -> bool:
+    """Refuse a workdir holding a different run, unless ``config.overwrite`` (then clear it).
+
+    Returns:
+        True when the workdir holds this run already (a relaunch resumes it).
+    """
+    from lm.experiment import config_differences, config_to_dict
+
+    path = os.path.join(workdir, "config.json")
+    has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and bool(
+        os.listdir(os.path.join(workdir, "checkpoints"))
+    )
+    if not os.path.exists(path):
+        if has_ckpt and not config.overwrite:
+            raise WorkdirError(
+                f"{workdir} holds checkpoints but no config.json; refusing to mix runs "
+                "(use another --workdir, or --config.overwrite=True to discard them)"
+            )
+        diffs = ["(no config.json)"] if has_ckpt else []
+    else:
+        with open(path) as f:
+            old = json.load(f)
+        diffs = config_differences(old, config_to_dict(config))
+    if not diffs:
+        return os.path.exists(path)
+    if not config.overwrite:
+        shown = "\n  ".join(diffs[:10]) + (
+            f"\n  ... {len(diffs) - 10} more" if len(diffs) > 10 else ""
+        )
+        raise WorkdirError(
+            f"{workdir} holds another run whose config differs:\n  {shown}\n"
+            "Use another --workdir, or pass --config.overwrite=True to discard that run."
+        )
+    for name in RUN_FILES + ("config.json",):
+        p = os.path.join(workdir, name)
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.remove(p)
+    return False
+
+
+def _eval_sums(eval_fn, params, batches, mesh) -> dict:
+    total = None
+    for b in batches:
+        s = eval_fn(params, sharding.global_batch(b, mesh))
+        total = s if total is None else jax.tree.map(jnp.add, total, s)
+    return jax.device_get(total)
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def run(config, workdir: str) -> dict:
+    """Fine-tune (or train) as ``config`` says, in ``workdir``; resume if it holds this run.
+
+    Writes ``config.json``, ``model.json`` (ModelConfig, labels, steps), ``tokenizer/``,
+    ``checkpoints/``, ``metrics.jsonl``, ``tb/`` and ``curves.png``.
+
+    Returns:
+        A summary: ``step``, ``best_step``, ``best`` (the early-stopping metric), ``eval`` (the
+        last eval metrics), ``train_examples_per_s``, ``stopped`` (why the loop ended).
+
+    Raises:
+        ConfigError, lm.data.DataError, WorkdirError: before anything is compiled.
+        TrainingError: a NaN/Inf loss (the last good checkpoint is kept).
+    """
+    from lm import data as lmdata
+    from lm import experiment
+    from lm.checkpoint import Checkpointer, abstract_with_shardings
+    from lm.metrics import MetricWriter
+    from lm.optim import make_optimizer
+
+    experiment.validate(config)
+    task = get_task(config.task)
+    if task.name != "classification":
+        raise NotImplementedError(f"task {task.name!r}: the loop reads classification data only")
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    check_workdir(config, workdir)
+
+    # Data before the model: a bad file is reported in seconds.
+    tokenizer = experiment.load_tokenizer(config)
+    ds = experiment.load_classification_data(config, tokenizer, 1 << 30)
+    labels = list(ds.label_names)
+    model = experiment.load_model(config, num_labels=len(labels))
+    cfg = model.cfg
+    if config.data.max_len > cfg.max_len:
+        raise experiment.ConfigError(
+            f"config.data.max_len={config.data.max_len} exceeds the model's position limit "
+            f"{cfg.max_len}"
+        )
+    t, o = config.train, config.optim
+    batch_size = int(t.batch_size)
+    num_steps = int(t.num_steps) or lmdata.num_train_steps(len(ds.train), batch_size, t.num_epochs)
+    tx, schedule = make_optimizer(o, num_steps)
+    mesh = sharding.make_mesh(
+        dict(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
+    )
+    rules = sharding.rules_from_config(config.mesh.rules)
+    div = sharding.batch_divisor(mesh) * int(o.grad_accum)
+    if batch_size % div:
+        raise experiment.ConfigError(
+            f"config.train.batch_size={batch_size} must be a multiple of {div} "
+            f"(data x fsdp devices {sharding.batch_divisor(mesh)} x grad_accum {o.grad_accum})"
+        )
+    eval_bs = _round_up(int(t.eval_batch_size) or 2 * batch_size, sharding.batch_divisor(mesh))
+    metric = "eval/" + (t.early_stop_metric or task.default_metric).removeprefix("eval/")
+    higher = metric.removeprefix("eval/") in HIGHER_IS_BETTER
+
+    abstract, shardings = state_shardings(cfg, tx, mesh, rules)
+    ckpt_cfg = config.checkpoint
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=ckpt_cfg.keep,
+        best_metric=metric if ds.eval is not None else None,
+        higher_is_better=higher,
+        async_save=ckpt_cfg.async_save,
+    )
+    start = ckpt.latest_step()
+    if start is not None:
+        state, meta = ckpt.restore(start, abstract_with_shardings(abstract, shardings))
+        print(f"Resuming {workdir} from step {start}", file=sys.stderr)
+    else:
+        params = jax.device_put(model.params, shardings.params)
+        init = jax.jit(functools.partial(create_state, tx=tx), out_shardings=shardings)
+        state, meta, start = init(params), {}, 0
+    del model
+
+    from lm.experiment import config_to_dict
+
+    _write_json(os.path.join(workdir, "config.json"), config_to_dict(config))
+    _write_json(
+        os.path.join(workdir, "model.json"),
+        dict(
+            task=task.name,
+            model_config=dataclasses.asdict(cfg),
+            labels=labels,
+            num_steps=num_steps,
+            num_train_examples=len(ds.train),
+            num_eval_examples=len(ds.eval) if ds.eval is not None else 0,
+            max_len=int(config.data.max_len),
+        ),
+    )
+    if tokenizer is not None and not os.path.exists(os.path.join(workdir, "tokenizer")):
+        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+
+    writer = MetricWriter(workdir, resume_step=start)
+    step_fn = jit_train_step(
+        cfg, task, tx, schedule, shardings, mesh, int(o.grad_accum), float(o.label_smoothing)
+    )
+    eval_fn = jit_eval_step(cfg, task, shardings.params, mesh)
+    rng = jax.random.PRNGKey(int(t.seed))
+    buckets = lmdata.length_buckets(int(config.data.max_len))
+    group = int(config.data.group_batches)
+
+    def eval_batches():
+        return lmdata.classification_eval_batches(ds.eval, eval_bs, buckets)
+
+    best, best_step = meta.get("best"), meta.get("best_step")
+    bad_evals = int(meta.get("bad_evals", 0))
+    last_eval = {}
+    summary = dict(step=start, stopped="finished")
+    if meta.get("done"):
+        print(
+            f"{workdir}: this run finished at step {start} ({meta.get('stopped')})", file=sys.stderr
+        )
+        ckpt.close()
+        writer.close()
+        return dict(summary, best=best, best_step=best_step, stopped=meta.get("stopped"))
+
+    def save(step, metrics=None, done=False, stopped=None):
+        m = dict(best=best, best_step=best_step, bad_evals=bad_evals, done=done, stopped=stopped)
+        ckpt.save(step, state, m, metrics=metrics)
+
+    bar = tqdm.tqdm(
+        total=num_steps, initial=start, disable=not t.progress, unit="step", dynamic_ncols=True
+    )
+    window, prev, examples_per_s = [], None, float("nan")
+    win_start, train_time, train_examples = time.perf_counter(), 0.0, 0
+    step = start
+    stopped = "finished"
+    with mesh_context(mesh, rules):
+        while step < num_steps:
+            batch = lmdata.classification_train_batch(
+                ds.train, batch_size, int(t.seed), step, buckets, group_batches=group
+            )
+            state, metrics = step_fn(state, sharding.global_batch(batch, mesh), rng)
+            step += 1
+            # Check the previous step's loss while this one runs (keeps the device busy).
+            if prev is not None:
+                window.append(_finite_or_raise(prev, ckpt))
+            prev = (step, metrics)
+            log_now = step % t.log_every == 0 or step == num_steps
+            eval_now = ds.eval is not None and (
+                (t.eval_every and step % t.eval_every == 0) or step == num_steps
+            )
+            save_now = (ckpt_cfg.every_steps and step % ckpt_cfg.every_steps == 0) or eval_now
+            if log_now or eval_now or save_now:
+                window.append(_finite_or_raise(prev, ckpt))
+                prev = None
+                elapsed = time.perf_counter() - win_start
+                n = len(window)
+                train_time += elapsed
+                train_examples += n * batch_size
+                examples_per_s = n * batch_size / max(elapsed, 1e-9)
+                if log_now and window:
+                    row = {f"train/{k}": float(np.mean([w[k] for w in window])) for k in window[-1]}
+                    row["train/lr"] = window[-1]["lr"]
+                    row["train/examples_per_s"] = examples_per_s
+                    writer.write(step, row)
+                    bar.set_postfix(loss=f"{row['train/loss']:.4f}", ex_s=f"{examples_per_s:.1f}")
+                    window = []
+                bar.update(step - bar.n)
+                if eval_now:
+                    last_eval = {
+                        f"eval/{k}": v
+                        for k, v in task.summary(
+                            _eval_sums(eval_fn, state.params, eval_batches(), mesh)
+                        ).items()
+                    }
+                    writer.write(step, last_eval)
+                    bar.write(
+                        f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items())
+                    )
+                    v = last_eval[metric]
+                    if best is None or (v > best if higher else v < best):
+                        best, best_step, bad_evals = v, step, 0
+                    else:
+                        bad_evals += 1
+                    if t.patience and bad_evals >= t.patience:
+                        stopped = f"early stop: {metric} did not improve for {bad_evals} evals"
+                if save_now or stopped != "finished":
+                    done = step == num_steps or stopped != "finished"
+                    save(step, last_eval if eval_now else None, done, stopped if done else None)
+                writer.flush()
+                win_start = time.perf_counter()
+                if stopped != "finished":
+                    break
+            else:
+                bar.update(step - bar.n)
+    bar.close()
+    if step not in ckpt.all_steps():
+        save(step, None, True, stopped)
+    ckpt.close()
+    writer.plot(metric)
+    writer.close()
+    summary.update(
+        step=step,
+        best=best,
+        best_step=best_step,
+        eval=last_eval,
+        train_examples_per_s=train_examples / train_time if train_time else float("nan"),
+        stopped=stopped,
+    )
+    return summary
+
+
+def _finite_or_raise(prev, ckpt) -> dict:
+    step, metrics = prev
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not math.isfinite(host["loss"]):
+        ckpt.wait()
+        last = ckpt.latest_step()
+        kept = f"the last good checkpoint is step {last}" if last else "no checkpoint was saved"
+        raise TrainingError(
+            f"loss is {host['loss']} at step {step}; training stopped, {kept} "
+            "(lower optim.lr, check the data, or set optim.clip_norm)"
+        )
+    return host
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)

@@ -1,0 +1,62 @@
+r"""Fine-tune all-MiniLM-L6-v2 on GLUE SST-2 (bundled): the default classification job.
+
+    python scripts/finetune.py --config=configs/sst2_minilm.py --workdir=runs/sst2_minilm
+    python scripts/finetune.py --config=configs/sst2_minilm.py:smoke --workdir=runs/smoke
+
+The recipe is BERT's fine-tuning one as transformers' Trainer runs it (and as
+scripts/bench_finetune.py compares against): 1 epoch, batch 32, max_len 64, AdamW lr 5e-5,
+weight decay 0.01 (not on biases and norms), 6% warmup then linear decay, clip 1.0. Compute runs
+in bfloat16 with float32 master weights and float32 accumulation (PERF-NOTES.md: the fast path
+on CPU). ``:smoke`` trains 30 steps on 960 examples and evaluates on 256 dev sentences.
+
+Your own files through overrides alone, e.g. a headerless CSV with two text columns:
+
+    python scripts/finetune.py --config=configs/sst2_minilm.py --workdir=runs/mine \
+      --config.data.name= --config.data.train_files=train.csv --config.data.eval_files=dev.csv \
+      --config.data.has_header=False --config.data.text_columns=1,2 --config.data.label_column=0
+"""
+
+from lm.experiment import base_config
+
+
+def get_config(arg: str | None = None):
+    config = base_config()
+    config.task = "classification"
+    config.model.name = "minilm-l6"
+    config.model.dtype = "bfloat16"
+    config.model.param_dtype = "float32"
+    config.model.dropout_rate = 0.1
+    config.model.attn_dropout_rate = 0.1
+
+    config.data.name = "sst2"
+    config.data.max_len = 64
+
+    config.train.num_epochs = 1.0
+    config.train.batch_size = 32
+    config.train.seed = 0
+    config.train.log_every = 50
+    config.train.eval_every = 500
+    config.train.early_stop_metric = "eval/accuracy"
+    config.train.patience = 0
+
+    config.optim.lr = 5e-5
+    config.optim.weight_decay = 0.01
+    config.optim.warmup_frac = 0.06
+    config.optim.schedule = "linear"
+    config.optim.clip_norm = 1.0
+
+    config.checkpoint.every_steps = 500
+    config.checkpoint.keep = 2
+
+    if arg == "smoke":
+        config.data.max_train_examples = 960
+        config.data.max_eval_examples = 256
+        config.data.max_len = 64
+        config.train.num_steps = 30
+        config.train.log_every = 5
+        config.train.eval_every = 15
+        config.checkpoint.every_steps = 15
+        config.optim.lr = 1e-4
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; known: 'smoke'")
+    return config
