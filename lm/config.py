@@ -77,7 +77,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of parameters
     attention_impl: str = "xla"  # passed to jax.nn.dot_product_attention: "xla" | "cudnn"
     remat: str = "none"  # "none" | "full" | "dots": activation rematerialization per block
-    scan_layers: bool = False  # reserved for the scale-out work; layers are unrolled today
+    scan_layers: bool = False  # nn.scan over layers: params stacked on a leading 'layers' axis
 
     # LoRA (Hu et al. 2021): rank 0 disables it. Targets name Dense modules inside a block
     # ("q", "k", "v", "o", "gate", "up", "down").

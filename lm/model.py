@@ -49,6 +49,17 @@ class Block(nn.Module):
         return constrain(out, ("batch", "length", "embed")), cache
 
 
+class _ScanBlock(nn.Module):
+    """Block with scan's calling convention: carry x in, (x, per-layer cache) out."""
+
+    cfg: ModelConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache, index):
+        return Block(self.cfg, name="block")(x, positions, mask, cache, index, self.deterministic)
+
+
 def _remat_policy(name: str):
     if name == "dots":
         return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
@@ -124,18 +135,21 @@ class Transformer(nn.Module):
             seg = segment_ids
             attn_mask = attention_mask(mask, cfg.causal, jnp.arange(t), seg, seg)
 
-        block_cls = Block
-        if cfg.remat != "none":
-            block_cls = nn.remat(
-                Block, policy=_remat_policy(cfg.remat), static_argnums=(6,)
-            )  # self is arg 0
-        new_layers = []
-        for i in range(cfg.num_layers):
-            layer_cache = None if cache is None else cache["layers"][i]
-            x, layer_cache = block_cls(cfg, name=f"layers_{i}")(
-                x, positions, attn_mask, layer_cache, index, deterministic
+        if cfg.scan_layers:
+            x, new_layers = self._scanned_layers(
+                x, positions, attn_mask, cache, index, deterministic
             )
-            new_layers.append(layer_cache)
+        else:
+            block_cls = Block
+            if cfg.remat != "none":
+                block_cls = nn.remat(Block, policy=_remat_policy(cfg.remat), static_argnums=(6,))
+            new_layers = []
+            for i in range(cfg.num_layers):
+                layer_cache = None if cache is None else cache["layers"][i]
+                x, layer_cache = block_cls(cfg, name=f"layers_{i}")(
+                    x, positions, attn_mask, layer_cache, index, deterministic
+                )
+                new_layers.append(layer_cache)
         if cfg.final_norm:
             x = Norm(cfg.norm, cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
 
@@ -144,6 +158,27 @@ class Transformer(nn.Module):
             out["cache"] = {"layers": new_layers, "index": index + t, "mask": kv_valid}
         out.update(self._head(x, mask, embed, deterministic))
         return out
+
+    def _scanned_layers(self, x, positions, attn_mask, cache, index, deterministic):
+        """All blocks as one ``nn.scan``: parameters stacked on a leading ``layers`` axis, one
+        compiled block body (fast compiles for deep models; MaxText/levanter do the same)."""
+        cfg = self.cfg
+        body = _ScanBlock
+        if cfg.remat != "none":
+            body = nn.remat(_ScanBlock, policy=_remat_policy(cfg.remat), prevent_cse=False)
+        scanned = nn.scan(
+            body,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        layer_caches = None if cache is None else cache["layers"]
+        x, new_caches = scanned(cfg, deterministic, name="layers")(
+            x, positions, attn_mask, layer_caches, index
+        )
+        return x, new_caches
 
     def _head(self, x, mask, embed, deterministic):
         cfg = self.cfg
@@ -220,7 +255,13 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: str | None = No
     """
     dt = dtype_of(dtype or cfg.dtype)
     shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-    layers = [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.num_layers)]
+    if cfg.scan_layers:  # one stacked cache, scanned along with the stacked parameters
+        stacked = (cfg.num_layers, *shape)
+        layers = {"k": jnp.zeros(stacked, dt), "v": jnp.zeros(stacked, dt)}
+    else:
+        layers = [
+            {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.num_layers)
+        ]
     return {
         "layers": layers,
         "index": jnp.zeros((), jnp.int32),
@@ -231,3 +272,25 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: str | None = No
 def forward(cfg: ModelConfig, params: dict, tokens: Array, **kwargs) -> dict[str, Array]:
     """Convenience: ``Transformer(cfg).apply({"params": params}, tokens, **kwargs)``."""
     return Transformer(cfg).apply({"params": params}, tokens, **kwargs)
+
+
+def stack_layers(cfg: ModelConfig, params: dict) -> dict:
+    """Unrolled ``layers_0..layers_{L-1}`` -> the stacked ``layers/block`` tree of scan_layers."""
+    if "layers" in params:
+        return params
+    names = [f"layers_{i}" for i in range(cfg.num_layers)]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
+    out = {k: v for k, v in params.items() if k not in names}
+    out["layers"] = {"block": stacked}
+    return out
+
+
+def unstack_layers(cfg: ModelConfig, params: dict) -> dict:
+    """Inverse of ``stack_layers`` (what conversion and export read)."""
+    if "layers" not in params:
+        return params
+    out = {k: v for k, v in params.items() if k != "layers"}
+    block = params["layers"]["block"]
+    for i in range(cfg.num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], block)
+    return out

@@ -30,6 +30,7 @@ AXES = ("data", "fsdp", "tensor")
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", None),
+    ("layers", None),  # the stacked axis of scan_layers: every device holds all layers
     ("embed", "fsdp"),
     ("embed2", None),
     ("heads", "tensor"),

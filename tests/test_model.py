@@ -141,3 +141,30 @@ def test_remat_gives_same_gradients():
     g2 = jax.grad(loss)(params, cfg.replace(remat="full"))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_scan_layers_equals_unrolled_forward_gradients_and_cache():
+    from lm.model import init_cache, stack_layers, unstack_layers
+
+    cfg = preset("tiny")
+    params = init_params(cfg, 0)
+    scfg = cfg.replace(scan_layers=True)
+    sparams = stack_layers(scfg, params)
+    assert sparams["layers"]["block"]["attn"]["q"]["kernel"].shape == (2, 32, 32)
+    assert logical_axes(scfg)["layers"]["block"]["attn"]["q"]["kernel"] == (
+        "layers",
+        "embed",
+        "heads",
+    )
+    x = _tokens()
+    ref = forward(cfg, params, x)["logits"]
+    np.testing.assert_allclose(forward(scfg, sparams, x)["logits"], ref, atol=1e-5)
+    np.testing.assert_allclose(
+        forward(scfg.replace(remat="full"), sparams, x)["logits"], ref, atol=1e-5
+    )
+    cached = forward(scfg, sparams, x, cache=init_cache(scfg, 2, 16))
+    np.testing.assert_allclose(cached["logits"], ref, atol=1e-5)
+    g1 = jax.grad(lambda p: forward(cfg, p, x)["logits"].std())(params)
+    g2 = unstack_layers(scfg, jax.grad(lambda p: forward(scfg, p, x)["logits"].std())(sparams))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)

@@ -642,6 +642,10 @@ def _set(tree, path, value):
 
 def to_hf_state(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
     """Our params -> HF state dict (numpy float32, torch layout, task-model names)."""
+    from lm.model import unstack_layers
+
+    params = unstack_layers(cfg, params)
+    cfg = cfg.replace(scan_layers=False)
     prefix = _base_prefix(cfg) if cfg.head != "none" else ""
     if cfg.family == "gpt2" and cfg.head == "lm":
         prefix = "transformer."
