@@ -151,11 +151,8 @@ def test_scan_layers_equals_unrolled_forward_gradients_and_cache():
     scfg = cfg.replace(scan_layers=True)
     sparams = stack_layers(scfg, params)
     assert sparams["layers"]["block"]["attn"]["q"]["kernel"].shape == (2, 32, 32)
-    assert logical_axes(scfg)["layers"]["block"]["attn"]["q"]["kernel"] == (
-        "layers",
-        "embed",
-        "heads",
-    )
+    spec = logical_axes(scfg)["layers"]["block"]["attn"]["q"]["kernel"]
+    assert tuple(spec) == ("layers", "embed", "heads")
     x = _tokens()
     ref = forward(cfg, params, x)["logits"]
     np.testing.assert_allclose(forward(scfg, sparams, x)["logits"], ref, atol=1e-5)
