@@ -156,7 +156,7 @@ def validate(config, runs: list[dict[str, Any]], config_path: str) -> None:
             for j, part in enumerate(parts):
                 keys = list(node.keys()) if hasattr(node, "keys") else []
                 if part not in keys:
-                    near = difflib.get_close_matches(part, keys, n=3)
+                    near = difflib.get_close_matches(part, keys, n=3, cutoff=0.5)
                     where = ".".join(parts[:j]) or "<top>"
                     hint = f" (did you mean {', '.join(near)}?)" if near else ""
                     problems.append(
