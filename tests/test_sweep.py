@@ -3,8 +3,10 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -103,3 +105,53 @@ def test_results_tables_from_metrics(tmp_path):
         assert len(list(csv.DictReader(f))) == 2
     assert (tmp_path / "eval_accuracy.png").stat().st_size > 1000
     assert "| 000-lr=0.0001 |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_sweep_killed_half_way_and_relaunched_finishes(tmp_path):
+    sweep_file = tmp_path / "two.py"
+    sweep_file.write_text(
+        "def get_sweep(h):\n"
+        "    return h.product([h.sweep('config.optim.lr', [1e-4, 5e-5]),\n"
+        "                      h.fixed('config.train.num_steps', 4),\n"
+        "                      h.fixed('config.train.eval_every', 2),\n"
+        "                      h.fixed('config.checkpoint.every_steps', 1),\n"
+        "                      h.fixed('config.data.max_train_examples', 64),\n"
+        "                      h.fixed('config.data.max_eval_examples', 32),\n"
+        "                      h.fixed('config.train.progress', False)])\n"
+    )
+    wd = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "scripts/sweep.py"),
+        f"--config={CONFIG}:smoke",
+        f"--sweep={sweep_file}",
+        f"--workdir={wd}",
+    ]
+    names = [sweep.run_name(i, r) for i, r in enumerate(sweep.load_sweep(CONFIG, str(sweep_file)))]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.time() + 600
+    # Kill the whole sweep (runner and its fine-tune) once the second run has made progress.
+    while time.time() < deadline:
+        if (
+            sweep.read_status(str(wd / names[0])).get("status") == "done"
+            and (wd / names[1] / "checkpoints").exists()
+        ):
+            break
+        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert sweep.read_status(str(wd / names[1])).get("status") == "running"
+
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"{names[0]}: finished earlier, skipped" in r.stdout
+    assert f"{names[1]}: resuming" in r.stdout
+    with open(wd / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["status"] for row in rows] == ["done", "done"]
+    assert all(int(row["steps"]) == 4 for row in rows)
+    assert all(0.0 <= float(row["best eval/accuracy"]) <= 1.0 for row in rows)
