@@ -245,6 +245,19 @@ def check_request(
     return result
 
 
+def _eos_array(eos_ids: Sequence[int]) -> Array:
+    """End ids as int32 [E], E a multiple of 8 padded with -1 (never a token): a new eos set
+    does not change the compiled programs' shapes."""
+    ids = sorted({int(e) for e in eos_ids})
+    size = max(8, -(-len(ids) // 8) * 8)
+    return jnp.asarray(ids + [-1] * (size - len(ids)), jnp.int32)
+
+
+def batch_bucket(n: int, batch_size: int) -> int:
+    """Rows of a compiled batch for n prompts: the next power of two, at most batch_size."""
+    return min(batch_size, 1 << (max(n, 1) - 1).bit_length())
+
+
 def _left_pad(rows: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     tokens = np.full((len(rows), length), pad_id, np.int32)
     mask = np.zeros((len(rows), length), np.int32)
@@ -314,12 +327,12 @@ def generate(
     _check_vocab(cfg, checked)
     if not chunk:
         chunk = 1 if on_tokens else (16 if should_stop else max_new_tokens)
-    eos = jnp.asarray(sorted({int(e) for e in eos_ids}), jnp.int32)
+    eos = _eos_array(eos_ids)
     base_key = jax.random.key(seed)
 
     # Sort by length so each batch pads little; results are put back in input order.
     order = sorted(range(len(checked)), key=lambda i: len(checked[i][0]))
-    batch_size = batch_size or len(order)
+    batch_size = batch_bucket(len(order), batch_size or len(order))
     results: list[Generation | None] = [None] * len(checked)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
@@ -366,13 +379,16 @@ def _generate_batch(
     out = np.asarray(state["out"])
     done_host = np.asarray(state["done"])
 
+    stop_len = np.zeros(b, np.int64)  # tokens up to the one that completed a stop string
+
     def emit(lo: int, hi: int):
         for r in range(n):
             if on_tokens and hi > lo:
                 on_tokens(r, out[r, lo:hi].tolist())
-            if should_stop and not stopped[r] and not done_host[r]:
-                if should_stop(r, out[r, :hi].tolist()):
-                    stopped[r] = True
+            if should_stop and not stopped[r] and should_stop(r, out[r, :hi].tolist()):
+                stopped[r] = True
+                hits = (j for j in range(lo + 1, hi + 1) if should_stop(r, out[r, :j].tolist()))
+                stop_len[r] = next(hits, hi)
 
     emit(0, 1)
     while step < max_new and not np.all((done_host | stopped)[:n]):
@@ -385,7 +401,7 @@ def _generate_batch(
         step = new_step
     t_decode = time.perf_counter() - t0
 
-    eos_set = set(np.asarray(eos).tolist())
+    eos_set = set(np.asarray(eos).tolist()) - {-1}
     timings = {"compile": c1 + c2, "prefill": t_prefill, "decode": t_decode}
     gens = []
     for r in range(n):
@@ -395,8 +411,8 @@ def _generate_batch(
             if t in eos_set:
                 ids, reason = ids[: j + 1], "eos"
                 break
-        if stopped[r] and reason != "eos":
-            reason = "stop"
+        if stopped[r] and stop_len[r] <= len(ids):
+            ids, reason = ids[: stop_len[r]], "stop"
         gens.append(Generation(ids, reason, len(rows[r]), timings=dict(timings)))
     return gens
 
