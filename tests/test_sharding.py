@@ -87,9 +87,13 @@ def train(mesh_name: str, start: int = 0, stop: int = NUM_STEPS, state=None, cfg
 
 
 @functools.cache
+def _reference_run():
+    return train("1")
+
+
 def reference():
     """Losses of the single-device run (the reference every mesh must match)."""
-    return train("1")[1]
+    return _reference_run()[1]
 
 
 def test_reference_run_learns():
@@ -152,3 +156,29 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, target):
     assert len(leaf.sharding.device_set) == (1 if target == "1" else 8)
     _, rest = train(target, 10, NUM_STEPS, state=restored)
     np.testing.assert_allclose(first + rest, reference(), rtol=0, atol=1e-5)
+
+
+# --- decoding under tensor parallelism ------------------------------------------------------
+
+
+@pytest.mark.parametrize("mesh_name", ["1,1,8", "2,2,2"])
+def test_decode_tensor_parallel_same_tokens(mesh_name):
+    from lm import decode
+
+    # The trained reference model: it continues arithmetic sequences, so tokens vary.
+    params = jax.device_get(_reference_run()[0].params)
+    cfg, single = decode.prepare(CFG, params, "float32")
+    prompts = [[5, 7, 9, 11], [3, 6, 9], [20, 21, 22, 23, 24, 25], [8]]
+    want = [g.token_ids for g in decode.generate(cfg, single, prompts, 10)]
+    assert len({tuple(w) for w in want}) > 1 and len(set(want[0])) > 1, want
+    mesh = make_mesh(mesh_name)
+    sharded = jax.device_put(single, sharding.param_shardings(cfg, mesh))
+    # lm.decode caches executables by shapes only; sharded arguments need their own
+    # (docs_drafts/proposed_decode.diff adds the shardings to the cache key).
+    decode._COMPILED.clear()
+    try:
+        with mesh_context(mesh):
+            got = [g.token_ids for g in decode.generate(cfg, sharded, prompts, 10)]
+    finally:
+        decode._COMPILED.clear()
+    assert got == want
