@@ -15,11 +15,21 @@ checkpoints saved with metrics.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class _QuietMetrics(logging.Filter):
+    # Saves between evaluations carry no metrics on purpose; Orbax warns about each one.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietMetrics())
 
 
 class Checkpointer:
@@ -89,14 +99,15 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def best_step(self) -> int | None:
-        """The kept step with the best ``best_metric``; the latest step when none has metrics."""
+        """The kept step with the best ``best_metric`` (the latest among ties); the latest
+        step when none has metrics."""
         best, best_v = None, None
         if self.best_metric:
-            for s in self.manager.all_steps():
+            for s in sorted(self.manager.all_steps()):
                 m = self.manager.metrics(s)
                 if m and self.best_metric in m:
                     v = self._metric_value(m)
-                    if best_v is None or v > best_v or (v == best_v and s < best):
+                    if best_v is None or v >= best_v:  # ties: the latest, as Orbax keeps
                         best, best_v = s, v
         return best if best is not None else self.latest_step()
 

@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(
         dict(
+            tokenizer=cd.placeholder(str),  # checkpoint whose tokenizer to use; default model.name
             name="",  # "sst2" (bundled), a TFDS registry name ("glue/sst2"), or "" for files
             train_files=cd.placeholder(str),  # one path, a glob, or a comma-separated list
             eval_files=cd.placeholder(str),
@@ -86,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
             max_len=128,
             train_split="train",
             eval_split="validation",
+            buckets=cd.placeholder(tuple),  # padded lengths; default: default_buckets(max_len)
             group_batches=0,  # > 1: batch examples of similar length within windows of N batches
             max_train_examples=0,  # 0: all; >0 keeps the first N (smoke runs)
             max_eval_examples=0,
@@ -427,13 +429,15 @@ def load_model(config: ml_collections.ConfigDict, num_labels: int | None = None)
 
 
 def load_tokenizer(config: ml_collections.ConfigDict):
-    """The tokenizer of ``config.model.name`` (None for a preset: its data brings its own)."""
-    if is_preset(config.model.name):
+    """The tokenizer of ``config.data.tokenizer`` or else ``config.model.name`` (None for a
+    preset without ``data.tokenizer``: its data brings its own, e.g. characters)."""
+    name = config.data.get("tokenizer") or config.model.name
+    if is_preset(name):
         return None
     from lm.pretrained import resolve
     from lm.tokenizer import load_tokenizer as load_tok
 
-    return load_tok(resolve(config.model.name))
+    return load_tok(resolve(name))
 
 
 def _columns(value, has_header: bool):
@@ -492,6 +496,29 @@ def data_kwargs(config: ml_collections.ConfigDict) -> dict:
             kw["labels"] = list(_columns(d.labels, True))
     kw["cache_dir"] = d.cache_dir
     return kw
+
+
+def default_buckets(max_len: int) -> tuple[int, ...]:
+    """Padded lengths for batches: 16, 24, 32, 48, 64, 96, ... (steps of ~1.5x), and max_len.
+
+    Finer than powers of two: on SST-2 at max_len 64 a random batch of 32 pads to 47 tokens on
+    average against 58 with (16, 32, 64) and 40 with per-batch dynamic padding, at the price
+    of 5 compiled shapes instead of 3.
+    """
+    out, n = [], 16
+    while n < max_len:
+        out.append(n)
+        n = n * 3 // 2 if (n & (n - 1)) == 0 else n * 4 // 3
+    return (*out, max_len)
+
+
+def buckets(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """``config.data.buckets`` (sorted, capped at max_len) or ``default_buckets(max_len)``."""
+    max_len = int(config.data.max_len)
+    if config.data.buckets:
+        b = sorted({int(x) for x in _columns(config.data.buckets, False) if int(x) < max_len})
+        return (*b, max_len)
+    return default_buckets(max_len)
 
 
 def _head(tok, n: int):

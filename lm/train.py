@@ -398,6 +398,38 @@ def check_workdir(config, workdir: str) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=8)
+def compiled_steps(
+    cfg: ModelConfig, task_name: str, optim_json: str, num_steps: int, mesh_shape, rules
+):
+    """Optimizer, shardings and jitted init/train/eval steps of a run, cached per process so a
+    relaunch (or a sweep, or a test) in the same process compiles nothing again.
+
+    Returns:
+        ``(tx, schedule, abstract_state, state_shardings, init, train_step, eval_step)``.
+    """
+    from lm.optim import make_optimizer
+
+    o = json.loads(optim_json)
+    task = get_task(task_name)
+    mesh = sharding.make_mesh(dict(zip(sharding.AXES, mesh_shape, strict=True)))
+    tx, schedule = make_optimizer(o, num_steps)
+    abstract, shardings = state_shardings(cfg, tx, mesh, rules)
+    init = jax.jit(functools.partial(create_state, tx=tx), out_shardings=shardings)
+    step_fn = jit_train_step(
+        cfg,
+        task,
+        tx,
+        schedule,
+        shardings,
+        mesh,
+        int(o.get("grad_accum", 1)),
+        float(o.get("label_smoothing", 0.0)),
+    )
+    eval_fn = jit_eval_step(cfg, task, shardings.params, mesh)
+    return tx, schedule, abstract, shardings, init, step_fn, eval_fn
+
+
 def _eval_sums(eval_fn, params, batches, mesh) -> dict:
     total = None
     for b in batches:
@@ -428,7 +460,6 @@ def run(config, workdir: str) -> dict:
     from lm import experiment
     from lm.checkpoint import Checkpointer, abstract_with_shardings
     from lm.metrics import MetricWriter
-    from lm.optim import make_optimizer
 
     experiment.validate(config)
     task = get_task(config.task)
@@ -452,7 +483,6 @@ def run(config, workdir: str) -> dict:
     t, o = config.train, config.optim
     batch_size = int(t.batch_size)
     num_steps = int(t.num_steps) or lmdata.num_train_steps(len(ds.train), batch_size, t.num_epochs)
-    tx, schedule = make_optimizer(o, num_steps)
     mesh = sharding.make_mesh(
         dict(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
     )
@@ -467,7 +497,14 @@ def run(config, workdir: str) -> dict:
     metric = "eval/" + (t.early_stop_metric or task.default_metric).removeprefix("eval/")
     higher = metric.removeprefix("eval/") in HIGHER_IS_BETTER
 
-    abstract, shardings = state_shardings(cfg, tx, mesh, rules)
+    tx, schedule, abstract, shardings, init, step_fn, eval_fn = compiled_steps(
+        cfg,
+        task.name,
+        json.dumps(o.to_dict(), sort_keys=True),
+        num_steps,
+        tuple(mesh.devices.shape),
+        rules,
+    )
     ckpt_cfg = config.checkpoint
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -482,7 +519,6 @@ def run(config, workdir: str) -> dict:
         print(f"Resuming {workdir} from step {start}", file=sys.stderr)
     else:
         params = jax.device_put(model.params, shardings.params)
-        init = jax.jit(functools.partial(create_state, tx=tx), out_shardings=shardings)
         state, meta, start = init(params), {}, 0
     del model
 
@@ -505,12 +541,8 @@ def run(config, workdir: str) -> dict:
         tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
 
     writer = MetricWriter(workdir, resume_step=start)
-    step_fn = jit_train_step(
-        cfg, task, tx, schedule, shardings, mesh, int(o.grad_accum), float(o.label_smoothing)
-    )
-    eval_fn = jit_eval_step(cfg, task, shardings.params, mesh)
     rng = jax.random.PRNGKey(int(t.seed))
-    buckets = lmdata.length_buckets(int(config.data.max_len))
+    buckets = experiment.buckets(config)
     group = int(config.data.group_batches)
 
     def eval_batches():
@@ -539,65 +571,79 @@ def run(config, workdir: str) -> dict:
     win_start, train_time, train_examples = time.perf_counter(), 0.0, 0
     step = start
     stopped = "finished"
-    with mesh_context(mesh, rules):
-        while step < num_steps:
-            batch = lmdata.classification_train_batch(
-                ds.train, batch_size, int(t.seed), step, buckets, group_batches=group
-            )
-            state, metrics = step_fn(state, sharding.global_batch(batch, mesh), rng)
-            step += 1
-            # Check the previous step's loss while this one runs (keeps the device busy).
-            if prev is not None:
-                window.append(_finite_or_raise(prev, ckpt))
-            prev = (step, metrics)
-            log_now = step % t.log_every == 0 or step == num_steps
-            eval_now = ds.eval is not None and (
-                (t.eval_every and step % t.eval_every == 0) or step == num_steps
-            )
-            save_now = (ckpt_cfg.every_steps and step % ckpt_cfg.every_steps == 0) or eval_now
-            if log_now or eval_now or save_now:
-                window.append(_finite_or_raise(prev, ckpt))
-                prev = None
-                elapsed = time.perf_counter() - win_start
-                n = len(window)
-                train_time += elapsed
-                train_examples += n * batch_size
-                examples_per_s = n * batch_size / max(elapsed, 1e-9)
-                if log_now and window:
-                    row = {f"train/{k}": float(np.mean([w[k] for w in window])) for k in window[-1]}
-                    row["train/lr"] = window[-1]["lr"]
-                    row["train/examples_per_s"] = examples_per_s
-                    writer.write(step, row)
-                    bar.set_postfix(loss=f"{row['train/loss']:.4f}", ex_s=f"{examples_per_s:.1f}")
-                    window = []
-                bar.update(step - bar.n)
-                if eval_now:
-                    last_eval = {
-                        f"eval/{k}": v
-                        for k, v in task.summary(
-                            _eval_sums(eval_fn, state.params, eval_batches(), mesh)
-                        ).items()
-                    }
-                    writer.write(step, last_eval)
-                    bar.write(
-                        f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items())
-                    )
-                    v = last_eval[metric]
-                    if best is None or (v > best if higher else v < best):
-                        best, best_step, bad_evals = v, step, 0
-                    else:
-                        bad_evals += 1
-                    if t.patience and bad_evals >= t.patience:
-                        stopped = f"early stop: {metric} did not improve for {bad_evals} evals"
-                if save_now or stopped != "finished":
-                    done = step == num_steps or stopped != "finished"
-                    save(step, last_eval if eval_now else None, done, stopped if done else None)
-                writer.flush()
-                win_start = time.perf_counter()
-                if stopped != "finished":
-                    break
-            else:
-                bar.update(step - bar.n)
+    try:
+        with mesh_context(mesh, rules):
+            while step < num_steps:
+                batch = lmdata.classification_train_batch(
+                    ds.train, batch_size, int(t.seed), step, buckets, group_batches=group
+                )
+                state, metrics = step_fn(state, sharding.global_batch(batch, mesh), rng)
+                step += 1
+                # Check the previous step's loss while this one runs (keeps the device busy).
+                if prev is not None:
+                    window.append(_finite_or_raise(prev, ckpt))
+                prev = (step, metrics)
+                log_now = step % t.log_every == 0 or step == num_steps
+                eval_now = ds.eval is not None and (
+                    (t.eval_every and step % t.eval_every == 0) or step == num_steps
+                )
+                save_now = (ckpt_cfg.every_steps and step % ckpt_cfg.every_steps == 0) or eval_now
+                if log_now or eval_now or save_now:
+                    window.append(_finite_or_raise(prev, ckpt))
+                    prev = None
+                    elapsed = time.perf_counter() - win_start
+                    n = len(window)
+                    train_time += elapsed
+                    train_examples += n * batch_size
+                    examples_per_s = n * batch_size / max(elapsed, 1e-9)
+                    if log_now and window:
+                        row = {
+                            f"train/{k}": float(np.mean([w[k] for w in window])) for k in window[-1]
+                        }
+                        row["train/lr"] = window[-1]["lr"]
+                        row["train/examples_per_s"] = examples_per_s
+                        writer.write(step, row)
+                        bar.set_postfix(
+                            loss=f"{row['train/loss']:.4f}", ex_s=f"{examples_per_s:.1f}"
+                        )
+                        window = []
+                    bar.update(step - bar.n)
+                    if eval_now:
+                        last_eval = {
+                            f"eval/{k}": v
+                            for k, v in task.summary(
+                                _eval_sums(eval_fn, state.params, eval_batches(), mesh)
+                            ).items()
+                        }
+                        writer.write(step, last_eval)
+                        bar.write(
+                            f"step {step}: "
+                            + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items())
+                        )
+                        v = last_eval[metric]
+                        if best is None or (v > best if higher else v < best):
+                            best, best_step, bad_evals = v, step, 0
+                        else:
+                            bad_evals += 1
+                            if v == best:  # a tie: the later checkpoint is the one kept
+                                best_step = step
+                        if t.patience and bad_evals >= t.patience:
+                            stopped = f"early stop: {metric} did not improve for {bad_evals} evals"
+                    if save_now or stopped != "finished":
+                        done = step == num_steps or stopped != "finished"
+                        save(step, last_eval if eval_now else None, done, stopped if done else None)
+                    writer.flush()
+                    win_start = time.perf_counter()
+                    if stopped != "finished":
+                        break
+                else:
+                    bar.update(step - bar.n)
+    except BaseException:
+        # NaN, Ctrl-C, a crash: let pending saves (all of good states) finish, keep the logs.
+        bar.close()
+        ckpt.close()
+        writer.close()
+        raise
     bar.close()
     if step not in ckpt.all_steps():
         save(step, None, True, stopped)
