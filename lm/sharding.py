@@ -96,9 +96,34 @@ def logical_to_sharding(specs, mesh: Mesh, rules=DEFAULT_RULES):
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES):
     """NamedSharding per parameter, derived from the logical axes of ``jax.eval_shape(init)``."""
-    from lm.model import logical_axes
+    from lm.model import logical_axes, param_shapes
 
-    return logical_to_sharding(logical_axes(cfg), mesh, rules)
+    shardings = logical_to_sharding(logical_axes(cfg), mesh, rules)
+    check_divisible(param_shapes(cfg), shardings)
+    return shardings
+
+
+def check_divisible(shapes, shardings) -> None:
+    """Raise a ValueError naming every parameter whose dimensions do not split evenly.
+
+    JAX refuses such arrays too, but names neither the parameter nor the rule to change.
+    """
+    bad = []
+    flat_sh = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, s), sh in zip(jax.tree_util.tree_flatten_with_path(shapes)[0], flat_sh, strict=True):
+        for dim, axes in zip(s.shape, sh.spec):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            n = int(np.prod([sh.mesh.shape[a] for a in axes])) if axes else 1
+            if dim % n:
+                name = "/".join(_path_key(path))
+                bad.append(f"{name} {tuple(s.shape)}: dimension {dim} over mesh axes {axes} ({n})")
+    if bad:
+        raise ValueError(
+            "sharding: these parameters do not split evenly over the mesh:\n  "
+            + "\n  ".join(bad)
+            + "\nChoose mesh sizes that divide them, or map their logical axis to None in "
+            "config.mesh.rules."
+        )
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
@@ -120,6 +145,37 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
         k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
         for k, v in local.items()
     }
+
+
+def process_rows(mesh: Mesh, global_rows: int) -> slice:
+    """The rows of a global batch of ``global_rows`` that this process feeds to ``global_batch``.
+
+    Every process builds the same (seed, step) batch; each passes only the rows its devices
+    hold (all of them on one process, or when the batch is not split across processes).
+
+    Raises:
+        ValueError: when this process's rows are not one contiguous block (a mesh whose
+            data/fsdp order interleaves processes).
+    """
+    index = batch_sharding(mesh, 1).addressable_devices_indices_map((global_rows,))
+    blocks = sorted(
+        {(i[0].start or 0, global_rows if i[0].stop is None else i[0].stop) for i in index.values()}
+    )
+    lo, hi = blocks[0][0], blocks[-1][1]
+    if sum(b - a for a, b in blocks) != hi - lo:
+        raise ValueError(
+            f"process {jax.process_index()} holds batch rows {blocks}, not one contiguous block; "
+            "order the mesh devices by process"
+        )
+    return slice(lo, hi)
+
+
+def process_local(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, np.ndarray]:
+    """This process's part of a global host batch (the batch itself on one process)."""
+    if jax.process_count() == 1:
+        return batch
+    rows = process_rows(mesh, len(next(iter(batch.values()))))
+    return {k: np.asarray(v)[rows] for k, v in batch.items()}
 
 
 def batch_divisor(mesh: Mesh) -> int:
