@@ -46,10 +46,8 @@ def get_config(arg: str | None = None):
     # --config.mesh.data=1 --config.mesh.fsdp=-1 shards parameters and optimizer state instead.
     config.mesh.data = -1
 
-    if arg == "tiny":
+    if arg == "tiny":  # the same switches (bf16, remat, scan) on the tiny preset
         config.model.name = "tiny"
-        config.model.dtype = "float32"
-        config.model.remat = "none"
         config.data.max_len = 64
         config.train.batch_size = 8
         config.train.num_steps = 3

@@ -87,7 +87,7 @@ def peak_tflops(device_kind: str, dtype: str = "bfloat16") -> float | None:
     return None
 
 
-def measured_peak_tflops(dtype: str = "float32", n: int = 1024, repeats: int = 5) -> float:
+def measured_peak_tflops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
     """Throughput of a large jitted matmul on the default device, in TFLOP/s.
 
     The stand-in for a data-sheet peak where none is known (CPUs): bfloat16 operands accumulate
