@@ -251,7 +251,11 @@ class Attention(nn.Module):
         if cfg.attn_dropout_rate > 0 and not deterministic:
             out = self._attention_with_dropout(q, kk, v, mask)
         else:
-            out = jax.nn.dot_product_attention(q, kk, v, mask=mask, implementation=_impl(cfg))
+            impl = _impl(cfg)
+            if impl == "cudnn" and cache is None:
+                out = fused_attention(q, kk, v, mask, cfg.causal, impl)
+            else:
+                out = jax.nn.dot_product_attention(q, kk, v, mask=mask, implementation=impl)
         out = out.reshape(b, t, n * h)
         return dense(cfg, cfg.d_model, ("heads", "embed"), "o", cfg.out_bias)(
             out, deterministic
@@ -269,6 +273,39 @@ class Attention(nn.Module):
         p = jax.nn.softmax(s, axis=-1)
         p = nn.Dropout(cfg.attn_dropout_rate)(p, deterministic=False)
         return jnp.einsum("bnts,bsnh->btnh", p.astype(v.dtype), v).astype(q.dtype)
+
+
+def fused_attention(q: Array, k: Array, v: Array, mask: Array, causal: bool, impl: str) -> Array:
+    """Flash attention with its built-in mask where the dense mask is exactly that pattern.
+
+    cuDNN's fused kernel (Dao 2023) skips masked tiles only for its own mask types (causal,
+    per-row key lengths); a dense [B, 1, T, S] mask becomes a bias tensor it reads in full on
+    every layer. When ``mask`` is "causal (or not) + right padding, no packing" (checked on the
+    device, one scalar), the fast form runs; otherwise the dense mask does. Same results, except
+    on rows without any real key (padding rows: never read, zero loss weight).
+
+    Args:
+        q: [B, T, N, H]; k, v: [B, S, K, H] with S == T (no KV cache); mask: [B, 1, T, S] bool.
+    """
+    b, _, t, s = mask.shape
+    row = mask[:, 0, -1, :] if causal else mask[:, 0, 0, :]  # [B, S]: the keys of the last row
+    lengths = jnp.sum(row, axis=-1, dtype=jnp.int32)  # [B]
+    keys = jnp.arange(s)
+    standard = keys[None, None, :] < lengths[:, None, None]  # [B, 1, S]
+    if causal:
+        standard = standard & (keys[None, None, :] <= jnp.arange(t)[None, :, None])  # [B, T, S]
+    is_standard = jnp.all(mask[:, 0] == standard)
+
+    def fast(q, k, v, mask):
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, key_value_seq_lengths=jnp.maximum(lengths, 1),
+            implementation=impl,
+        )  # fmt: skip
+
+    def dense(q, k, v, mask):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+    return jax.lax.cond(is_standard, fast, dense, q, k, v, mask)
 
 
 def _impl(cfg: ModelConfig):
