@@ -76,7 +76,11 @@ def main(argv):
     )
     step_fn = jit_train_step(cfg, task, tx, schedule, shardings, mesh, int(config.optim.grad_accum))
     rng = jax.random.PRNGKey(0)
-    batch = functools.partial(synthetic_batch, task.name, cfg, b, t)
+    rows = functools.partial(synthetic_batch, task.name, cfg, b, t)
+
+    def batch(i):  # every process builds the global batch and feeds its own rows
+        return sharding.global_batch(sharding.process_local(rows(i), mesh), mesh)
+
     n_dev, kind = jax.device_count(), jax.devices()[0].device_kind
     say = print if jax.process_index() == 0 else (lambda *a, **k: None)
     say(f"model {config.model.name}: {cfg.num_params() / 1e6:.1f}M params, {cfg.dtype} compute, "
@@ -86,13 +90,13 @@ def main(argv):
     with mesh_context(mesh, rules):
         state = init(jax.random.PRNGKey(int(config.train.seed)))
         t0 = time.perf_counter()
-        first = sharding.global_batch(batch(0), mesh)
+        first = batch(0)
         compiled = step_fn.lower(state, first, rng).compile()
         compile_s = time.perf_counter() - t0
         for i in range(_WARMUP.value):
-            state, m = compiled(state, sharding.global_batch(batch(i), mesh), rng)
+            state, m = compiled(state, batch(i), rng)
         jax.block_until_ready(state)
-        inputs = [sharding.global_batch(batch(i), mesh) for i in range(_STEPS.value)]
+        inputs = [batch(i) for i in range(_STEPS.value)]
         t0 = time.perf_counter()
         for x in inputs:
             state, m = compiled(state, x, rng)
