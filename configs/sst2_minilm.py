@@ -5,9 +5,13 @@ r"""Fine-tune all-MiniLM-L6-v2 on GLUE SST-2 (bundled): the default classificati
 
 The recipe is BERT's fine-tuning one as transformers' Trainer runs it (and as
 scripts/bench_finetune.py compares against): 1 epoch, batch 32, max_len 64, AdamW lr 5e-5,
-weight decay 0.01 (not on biases and norms), 6% warmup then linear decay, clip 1.0. Compute runs
-in bfloat16 with float32 master weights and float32 accumulation (PERF-NOTES.md: the fast path
-on CPU). ``:smoke`` trains 30 steps on 960 examples and evaluates on 256 dev sentences.
+weight decay 0.01 (not on biases and norms), 6% warmup then linear decay, clip 1.0, dropout 0.1.
+Two choices of ours make it fast: batches are drawn at random and then grouped by length within
+windows of 20 batches (``data.group_batches``), so a batch pads to ~22 tokens instead of the ~40
+of random batches; and ``model.dtype="auto"`` computes in bfloat16 (float32 master weights and
+accumulation) where the hardware has a fast bfloat16 path (GPU, TPU, CPU with AMX) and in float32
+elsewhere. ``:smoke`` trains 20 steps on 640 examples (one padded length, so two compiles) and
+evaluates on 256 dev sentences: about a minute on 2 cores.
 
 Your own files through overrides alone, e.g. a headerless CSV with two text columns:
 
@@ -23,13 +27,14 @@ def get_config(arg: str | None = None):
     config = base_config()
     config.task = "classification"
     config.model.name = "minilm-l6"
-    config.model.dtype = "bfloat16"
+    config.model.dtype = "auto"
     config.model.param_dtype = "float32"
     config.model.dropout_rate = 0.1
     config.model.attn_dropout_rate = 0.1
 
     config.data.name = "sst2"
     config.data.max_len = 64
+    config.data.group_batches = 20
 
     config.train.num_epochs = 1.0
     config.train.batch_size = 32
@@ -49,14 +54,15 @@ def get_config(arg: str | None = None):
     config.checkpoint.keep = 2
 
     if arg == "smoke":
-        config.data.max_train_examples = 960
+        config.data.max_train_examples = 640
         config.data.max_eval_examples = 256
-        config.data.max_len = 64
-        config.train.num_steps = 30
+        config.data.max_len = 32
+        config.data.buckets = (32,)
+        config.train.num_steps = 20
         config.train.log_every = 5
-        config.train.eval_every = 15
-        config.checkpoint.every_steps = 15
-        config.optim.lr = 1e-4
+        config.train.eval_every = 10
+        config.checkpoint.every_steps = 10
+        config.optim.lr = 2e-4
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; known: 'smoke'")
     return config

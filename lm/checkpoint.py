@@ -130,18 +130,42 @@ class Checkpointer:
         )
         return out["state"], dict(out["meta"] or {})
 
-    def restore_params(self, step: int | None = None) -> tuple[Any, dict]:
-        """Only the parameters (as saved, on the default device) and meta; for predict/export."""
+    def restore_params(self, step: int | None = None, abstract_params: Any | None = None):
+        """Only the parameters of checkpoint ``step`` (default: the best), without reading the
+        optimizer state; for predict, evaluate and export.
+
+        Args:
+            abstract_params: ShapeDtypeStructs (with shardings) of the parameters; default: as
+                saved, on the default device (any saving topology).
+
+        Returns:
+            ``(params, step)``.
+        """
         step = self.best_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no complete checkpoint")
-        meta_only = self.manager.restore(
-            int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-        )
-        # Restore the whole state without a target, then keep the parameters.
-        state, _ = self.restore(step)
-        params = state["params"] if isinstance(state, dict) else state.params
-        return params, dict(meta_only["meta"] or {})
+        path = os.path.join(self.directory, str(int(step)), "state")
+        if abstract_params is None:
+            abstract_params = self.host_target(step)["params"]
+        target = {"params": abstract_params}
+        with ocp.PyTreeCheckpointer() as reader:
+            out = reader.restore(
+                path,
+                args=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                ),
+            )
+        return out["params"], int(step)
+
+    def host_target(self, step: int) -> Any:
+        """ShapeDtypeStructs of the saved state on the default device (any saving topology)."""
+        path = os.path.join(self.directory, str(int(step)), "state")
+        with ocp.StandardCheckpointer() as reader:
+            tree = reader.metadata(path).item_metadata
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
 
     def wait(self) -> None:
         """Block until pending async saves are written (call before exit)."""

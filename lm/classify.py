@@ -72,30 +72,29 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     return ModelConfig(**kw)
 
 
-def restore_params(workdir: str, cfg: ModelConfig, config, num_steps: int, step: int | None):
+def restore_params(workdir: str, cfg: ModelConfig, config, step: int | None):
     """Parameters of checkpoint ``step`` (default: the best) on the default device."""
     from lm.checkpoint import Checkpointer
     from lm.model import param_shapes
-    from lm.optim import make_optimizer
-    from lm.train import create_state
 
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=10**6, best_metric=_metric(config)
     )
-    step = ckpt.best_step() if step is None else step
-    if step is None:
-        raise WorkdirNotReady(f"{workdir}: no complete checkpoint yet")
-    if step not in ckpt.all_steps():
-        raise WorkdirNotReady(f"{workdir}: no checkpoint at step {step}; have {ckpt.all_steps()}")
-    tx, _ = make_optimizer(config.optim, num_steps)
-    abstract = jax.eval_shape(functools.partial(create_state, tx=tx), param_shapes(cfg))
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract
-    )
-    state, meta = ckpt.restore(step, abstract)
-    ckpt.close()
-    return state.params, step
+    try:
+        step = ckpt.best_step() if step is None else step
+        if step is None:
+            raise WorkdirNotReady(f"{workdir}: no complete checkpoint yet")
+        if step not in ckpt.all_steps():
+            raise WorkdirNotReady(
+                f"{workdir}: no checkpoint at step {step}; have {ckpt.all_steps()}"
+            )
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), param_shapes(cfg)
+        )
+        return ckpt.restore_params(step, abstract)
+    finally:
+        ckpt.close()
 
 
 def _metric(config) -> str:
@@ -124,7 +123,7 @@ class Classifier:
         if info.get("task") != "classification":
             raise WorkdirNotReady(f"{workdir}: task is {info.get('task')!r}, not classification")
         cfg = model_config_from_dict(info["model_config"])
-        params, step = restore_params(workdir, cfg, config, int(info["num_steps"]), step)
+        params, step = restore_params(workdir, cfg, config, step)
         from lm.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"))
@@ -250,7 +249,7 @@ def read_texts(path: str, config) -> list:
         lm.data.DataError: naming the file and line.
     """
     from lm.data import DataError, read_text
-    from lm.experiment import data_kwargs
+    from lm.experiment import columns, data_kwargs
 
     text = read_text(path)
     stem = path[:-3] if path.endswith(".gz") else path
@@ -258,8 +257,8 @@ def read_texts(path: str, config) -> list:
     if ext == ".txt":
         return [line for line in text.splitlines() if line.strip()]
     kw = data_kwargs(config)
-    cols = kw["text_columns"]
     has_header = kw.get("has_header", True)
+    cols = columns(kw["text_columns"], has_header)
     fmt = config.data.format or {
         ".tsv": "tsv",
         ".csv": "csv",

@@ -433,7 +433,7 @@ def compiled_steps(
 def _eval_sums(eval_fn, params, batches, mesh) -> dict:
     total = None
     for b in batches:
-        s = eval_fn(params, sharding.global_batch(b, mesh))
+        s = eval_fn(params, sharding.global_batch(sharding.process_local(b, mesh), mesh))
         total = s if total is None else jax.tree.map(jnp.add, total, s)
     return jax.device_get(total)
 
@@ -462,6 +462,12 @@ def run(config, workdir: str) -> dict:
     from lm.metrics import MetricWriter
 
     experiment.validate(config)
+    # Multi-process runs meet here (config.distributed, LM_* variables, SLURM/TPU detection),
+    # before anything touches a device; a no-op on one process.
+    from lm import distributed
+
+    distributed.initialize(config.get("distributed"))
+    primary = jax.process_index() == 0  # writes the run's files; every process trains
     task = get_task(config.task)
     if task.name != "classification":
         raise NotImplementedError(f"task {task.name!r}: the loop reads classification data only")
@@ -540,7 +546,7 @@ def run(config, workdir: str) -> dict:
     if tokenizer is not None and not os.path.exists(os.path.join(workdir, "tokenizer")):
         tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
 
-    writer = MetricWriter(workdir, resume_step=start)
+    writer = MetricWriter(workdir, resume_step=start) if primary else _NullWriter()
     rng = jax.random.PRNGKey(int(t.seed))
     buckets = experiment.buckets(config)
     group = int(config.data.group_batches)
@@ -577,7 +583,8 @@ def run(config, workdir: str) -> dict:
                 batch = lmdata.classification_train_batch(
                     ds.train, batch_size, int(t.seed), step, buckets, group_batches=group
                 )
-                state, metrics = step_fn(state, sharding.global_batch(batch, mesh), rng)
+                local = sharding.process_local(batch, mesh)  # this process's rows
+                state, metrics = step_fn(state, sharding.global_batch(local, mesh), rng)
                 step += 1
                 # Check the previous step's loss while this one runs (keeps the device busy).
                 if prev is not None:
@@ -659,6 +666,22 @@ def run(config, workdir: str) -> dict:
         stopped=stopped,
     )
     return summary
+
+
+class _NullWriter:
+    """What processes other than 0 log to: process 0 writes metrics.jsonl, TB and curves."""
+
+    def write(self, step, metrics):
+        pass
+
+    def flush(self):
+        pass
+
+    def plot(self, metric=None):
+        return None
+
+    def close(self):
+        pass
 
 
 def _finite_or_raise(prev, ckpt) -> dict:
