@@ -288,3 +288,69 @@ def test_bfloat16_decodes(model):
     [g] = decode.generate(cfg16, params16, [PROMPTS[0]], 6)
     assert len(g.token_ids) == 6
     assert jax.tree.leaves(params16)[0].dtype == jnp.bfloat16
+
+
+# ---- the script's config and prompt checks (no model needed: they run before loading) -------
+
+
+def _script():
+    from test_decode_smollm2 import load_script
+
+    return load_script()
+
+
+def _config(**kw):
+    from configs.decode import get_config
+
+    c = get_config()
+    c.compilation_cache = ""
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+def test_prompt_file_not_utf8(tmp_path):
+    from lm.chat import read_prompts
+
+    f = tmp_path / "p.txt"
+    f.write_bytes(b"first prompt\nsecond \xff\xfe prompt\n")
+    with pytest.raises(DecodeError, match=r"not UTF-8 text \(byte 0xff at offset 20, line 2\)"):
+        read_prompts(str(f))
+    f.write_text("a\n\nb\n", encoding="utf-8")
+    with pytest.raises(DecodeError, match="line 2: prompt is empty"):
+        read_prompts(str(f))
+    f.write_text("\ufeffone\ntwo\n\n", encoding="utf-8")
+    assert read_prompts(str(f)) == ["one", "two"]
+    f.write_text("\n", encoding="utf-8")
+    with pytest.raises(DecodeError, match="holds no prompt"):
+        read_prompts(str(f))
+    with pytest.raises(DecodeError, match="cannot read"):
+        read_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_script_rejects_bad_config_before_loading(tmp_path):
+    script = _script()
+    no_model = "/nonexistent/model"  # would fail loudly if anything tried to load it
+    cases = [
+        (dict(prompt="   "), "config.prompt: prompt is empty"),
+        (dict(prompt="caf\udcff"), "not valid UTF-8"),
+        (dict(prompt="x", sampling="beam"), "Unknown sampling method 'beam'"),
+        (dict(prompt="x", sampling="sample", top_p=1.5), r"top_p=1.5 must lie in \(0, 1\]"),
+        (dict(prompt="x", sampling="sample", top_p=0.0), r"top_p=0.0 must lie in \(0, 1\]"),
+        (dict(prompt="x", max_new_tokens=0), "max_new_tokens=0 must be an integer >= 1"),
+        (dict(prompt="x", dtype="int8"), "config.dtype='int8'"),
+        (dict(prompt="x", prompt_file="f.txt"), "not both"),
+        (dict(output="o.jsonl"), "needs config.prompt or config.prompt_file"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(DecodeError, match=msg):
+            script.run(_config(model=no_model, **kw))
+
+
+def test_script_workdir_model_message(tmp_path):
+    (tmp_path / "config.json").write_text('{"task": "causal_lm"}')
+    try:
+        from lm.checkpoint import load_workdir  # noqa: F401
+    except ImportError:
+        with pytest.raises(NotImplementedError, match="load_workdir"):
+            _script().run(_config(model=str(tmp_path), prompt="hi"))

@@ -22,6 +22,20 @@ TEXTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in 
 CHAT = "Give me three tips for staying focused while studying."
 
 
+def load_script():
+    """scripts/decode.py as a module (scripts/ is not a package)."""
+    import importlib.util
+
+    if "decode_script" in sys.modules:  # its absl flags can be defined once per process
+        return sys.modules["decode_script"]
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+    spec = importlib.util.spec_from_file_location("decode_script", f"{path}/decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["decode_script"] = module
+    return module
+
+
 @pytest.fixture(scope="module")
 def smol():
     try:
@@ -102,16 +116,14 @@ def test_eos_ends_chat_reply(smol, prompts, ours):
 
 def test_decode_script_jsonl_and_stream(smol, tmp_path):
     """scripts/decode.py end to end (in-process, reusing the loaded model)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
-    import importlib
-
-    script = importlib.import_module("decode")
+    script = load_script()
     from configs.decode import get_config
 
     m = smol[0]
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("The capital of France is\nOnce upon a time\n", encoding="utf-8")
     c = get_config()
+    c.compilation_cache = ""  # tests must not write to ~/.cache
     c.prompt_file, c.output, c.max_new_tokens = str(prompt_file), str(tmp_path / "o.jsonl"), 12
     c.stop_strings = (".",)
     rows = script.run(c, out=io.StringIO(), pretrained=m)
@@ -125,22 +137,19 @@ def test_decode_script_jsonl_and_stream(smol, tmp_path):
 
     # A single prompt without output streams to stdout.
     c = get_config()
-    c.prompt, c.max_new_tokens, c.chat = "What is 2+2?", 16, True
+    c.prompt, c.max_new_tokens, c.compilation_cache = "The capital of France is", 16, ""
     out = io.StringIO()
     [row] = script.run(c, out=out, pretrained=m)
     assert out.getvalue() == row["completion"] + "\n"
-    assert row["finish_reason"] in ("eos", "length") and row["completion"].strip()
+    assert row["completion"].startswith(" Paris") and len(row["token_ids"]) == 16
 
 
 def test_interactive_chat(smol):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
-    import importlib
-
-    script = importlib.import_module("decode")
+    script = load_script()
     from configs.decode import get_config
 
     c = get_config()
-    c.chat, c.max_new_tokens = True, 8
+    c.chat, c.max_new_tokens, c.compilation_cache = True, 8, ""
     out = io.StringIO()
     script.run(c, out=out, stdin=io.StringIO("Hello!\nWhat did I just say?\n"), pretrained=smol[0])
     text = out.getvalue()
