@@ -20,8 +20,9 @@ Why the loop runs in chunks driven from the host: stop strings need detokenized 
 streaming needs tokens on the host, neither of which exists inside XLA. The loop state (cache
 included) stays on the device and is donated to each call, so a chunk costs one dispatch; with
 neither streaming nor stop strings the whole generation is a single call. Streaming uses chunks
-of one token (measured: the per-call overhead is well under a millisecond, ~2% of a SmolLM2 step),
-which keeps ``jax.debug.callback``'s host sync points out of the compiled loop.
+of one token: measured on the tiny preset, a host round trip per token costs 0.5-2 ms, a few
+percent of a SmolLM2-135M step, and it keeps host callbacks (``jax.debug.callback``, which could
+print but not stop the loop) out of the compiled program.
 
 Numerics and speed on CPU (see PERF-NOTES): every matmul accumulates in float32. The output
 projection is computed for the last position only (never [B, T, V] in the prefill). bfloat16
