@@ -307,9 +307,10 @@ def generate(
         batch_size: rows per compiled batch (0: all prompts in one batch).
         context: the longest sequence (prompt + new tokens); 0 means ``cfg.max_len``.
         truncate: cut over-long prompts from the left instead of raising.
-        should_stop: ``(row, generated ids) -> bool`` checked between chunks (stop strings).
-        on_tokens: ``(row, new ids)`` called between chunks with the ids generated since the
-            last call (streaming).
+        should_stop: ``(prompt index, generated ids) -> bool`` checked between chunks (stop
+            strings).
+        on_tokens: ``(prompt index, new ids)`` called between chunks with the ids generated
+            since the last call (streaming).
         chunk: tokens per compiled call (0: 1 when streaming, 16 with ``should_stop``, else
             the whole budget in one call).
 
@@ -385,10 +386,12 @@ def _generate_batch(
     def emit(lo: int, hi: int):
         for r in range(n):
             if on_tokens and hi > lo:
-                on_tokens(r, out[r, lo:hi].tolist())
-            if should_stop and not stopped[r] and should_stop(r, out[r, :hi].tolist()):
+                on_tokens(row_ids[r], out[r, lo:hi].tolist())
+            if should_stop and not stopped[r] and should_stop(row_ids[r], out[r, :hi].tolist()):
                 stopped[r] = True
-                hits = (j for j in range(lo + 1, hi + 1) if should_stop(r, out[r, :j].tolist()))
+                hits = (
+                    j for j in range(lo + 1, hi + 1) if should_stop(row_ids[r], out[r, :j].tolist())
+                )
                 stop_len[r] = next(hits, hi)
 
     emit(0, 1)

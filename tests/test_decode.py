@@ -135,6 +135,18 @@ def test_streaming_and_should_stop(model):
     assert seen == g.token_ids == ref.token_ids
     [g] = decode.generate(cfg, params, [PROMPTS[0]], 10, should_stop=lambda r, ids: len(ids) >= 4)
     assert g.finish_reason == "stop" and g.token_ids == ref.token_ids[:4]
+    # Callbacks get the prompt's index in the input, across batches.
+    streams = {}
+    gens = decode.generate(
+        cfg, params, PROMPTS, 10, batch_size=2,
+        on_tokens=lambda r, ids: streams.setdefault(r, []).extend(ids),
+        should_stop=lambda r, ids: r == 2 and len(ids) >= 3,
+    )  # fmt: skip
+    assert {r: streams[r][: len(g.token_ids)] for r, g in enumerate(gens)} == {
+        r: g.token_ids for r, g in enumerate(gens)
+    }
+    assert [g.finish_reason for g in gens] == ["length", "length", "stop"]
+    assert len(gens[2].token_ids) == 3
 
 
 def test_top_k_1_equals_greedy(model):
