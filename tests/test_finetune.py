@@ -77,6 +77,7 @@ def losses(workdir):
     ]
 
 
+@pytest.mark.slow
 def test_tiny_run_learns_logs_and_resumes_bitwise(files, tmp_path, monkeypatch):
     train, dev = files
     cfg = tiny_config(train, dev, tmp_path)
@@ -147,6 +148,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(files, tmp_path, monkeypa
     assert steps == [4]
 
 
+@pytest.mark.slow
 def test_workdir_with_another_run_is_refused_unless_overwrite(files, tmp_path):
     train, dev = files
     wd = str(tmp_path / "w")
