@@ -36,6 +36,7 @@ from ml_collections import config_dict as cd
 from lm.config import PRESETS, ModelConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -92,7 +93,17 @@ def base_config() -> ml_collections.ConfigDict:
             max_train_examples=0,  # 0: all; >0 keeps the first N (smoke runs)
             max_eval_examples=0,
             cache_dir=cd.placeholder(str),
+            # causal_lm (lm.causal): "chars" reads one text file (train_files; default the
+            # bundled tiny Shakespeare), holding out its last eval_fraction; "sft" reads JSONL
+            # conversations (train_files / eval_files, or name="sst2_instruct") and packs them.
+            # max_len is the row length (context) of both.
+            kind="chars",
+            eval_fraction=0.1,
         )
+    )
+    # LoRA (lm.lora) on the Dense modules named in targets; rank 0 trains every parameter.
+    c.lora = ml_collections.ConfigDict(
+        dict(rank=0, alpha=16.0, dropout=0.0, targets=("q", "v"))
     )
     c.train = ml_collections.ConfigDict(
         dict(
@@ -234,6 +245,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
         errors.append(f"config.optim.warmup_frac={o.warmup_frac} must be in [0, 1)")
     if t.log_every <= 0:
         errors.append(f"config.train.log_every={t.log_every} must be > 0")
+    if config.task == "causal_lm":
+        choice("data.kind", config.data.kind, ("chars", "sft"))
+        if not 0 < config.data.eval_fraction < 1:
+            errors.append(f"config.data.eval_fraction={config.data.eval_fraction} must be in (0, 1)")
+    lo = config.lora
+    if lo.rank < 0:
+        errors.append(f"config.lora.rank={lo.rank} must be >= 0 (0: full fine-tuning)")
+    if lo.rank and lo.alpha <= 0:
+        errors.append(f"config.lora.alpha={lo.alpha} must be > 0")
+    if not 0 <= lo.dropout < 1:
+        errors.append(f"config.lora.dropout={lo.dropout} must be in [0, 1)")
+    bad = sorted(set(columns(lo.targets, True)) - set(LORA_TARGETS))
+    if lo.rank and (bad or not lo.targets):
+        errors.append(
+            f"config.lora.targets={tuple(lo.targets)!r}: {bad or 'empty'}; choose from "
+            f"{list(LORA_TARGETS)}"
+        )
     if config.checkpoint.keep < 1:
         errors.append(f"config.checkpoint.keep={config.checkpoint.keep} must be >= 1")
     if t.early_stop_metric:
@@ -318,6 +346,14 @@ def model_config(config: ml_collections.ConfigDict, base: ModelConfig) -> ModelC
     fields.setdefault("head", task.head)
     if fields.get("dtype") == "auto":
         fields["dtype"] = auto_dtype()
+    lo = config.get("lora")
+    if lo is not None and lo.rank:
+        fields.update(
+            lora_rank=int(lo.rank),
+            lora_alpha=float(lo.alpha),
+            lora_dropout=float(lo.dropout),
+            lora_targets=tuple(columns(lo.targets, True)),
+        )
     return base.replace(**fields)
 
 
@@ -444,7 +480,12 @@ def load_model(config: ml_collections.ConfigDict, num_labels: int | None = None)
         tokenizer=False,
     )
     cfg = model_config(config, m.cfg)
-    return Model(cfg, m.params, None, m.labels)
+    params = m.params
+    if cfg.lora_rank:  # fresh adapters (B = 0) on the pretrained weights
+        from lm.lora import add_adapters
+
+        params = add_adapters(cfg, params, int(config.train.seed))
+    return Model(cfg, params, None, m.labels)
 
 
 def load_tokenizer(config: ml_collections.ConfigDict):

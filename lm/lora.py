@@ -100,3 +100,32 @@ def _get(tree, path):
     for k in path:
         tree = tree[k.key]
     return tree
+
+
+def prune(tree):
+    """``tree`` without None leaves and the dicts they leave empty: ``split``'s halves as plain
+    trees that jit, optax and Orbax take (``combine`` puts two halves back together)."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for k, v in tree.items():
+        v = prune(v)
+        if v is None or (isinstance(v, dict) and not v):
+            continue
+        out[k] = v
+    return out
+
+
+def adapters_and_base(params: dict) -> tuple[dict, dict]:
+    """``split`` with both halves pruned: (adapter leaves only, everything else)."""
+    a, b = split(params)
+    return prune(a), prune(b)
+
+
+def combine(adapters: dict, base: dict) -> dict:
+    """The union of two disjoint pruned trees (inverse of ``adapters_and_base``); works on
+    traced values inside jit."""
+    out = dict(base)
+    for k, v in adapters.items():
+        out[k] = combine(v, base[k]) if isinstance(v, dict) and k in base else v
+    return out

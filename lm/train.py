@@ -44,7 +44,7 @@ import optax
 import tqdm
 from jax.sharding import Mesh
 
-from lm import sharding
+from lm import lora, sharding
 from lm.config import ModelConfig
 from lm.metrics import confusion_scores
 from lm.model import Transformer
@@ -120,7 +120,7 @@ def causal_lm_sums(cfg, params, batch, rng, deterministic, label_smoothing=0.0, 
         batch,
         rng,
         deterministic,
-        mask=batch["mask"],
+        mask=batch.get("mask"),
         positions=batch.get("positions"),
         segment_ids=batch.get("segment_ids"),
     )
@@ -210,6 +210,7 @@ def train_step(
     state: TrainState,
     batch: dict[str, Array],
     rng: Array,
+    frozen: dict | None = None,
     *,
     cfg: ModelConfig,
     task: Task,
@@ -224,6 +225,8 @@ def train_step(
         state: the current TrainState (donated by the jitted caller).
         batch: the task's batch dict, leading dimension = global batch.
         rng: the run's base key; this step's dropout key is ``fold_in(rng, state.step)``.
+        frozen: LoRA's frozen base parameters (``lm.lora.adapters_and_base``); then
+            ``state.params`` holds the adapters alone, and only they get gradients.
         grad_accum: split the batch into this many micro-batches, scanned sequentially (less
             memory); the summed gradient is divided once by the total weight, so the update
             equals the one from the whole batch.
@@ -237,7 +240,8 @@ def train_step(
 
     def grads_of(mb, key):
         def f(p):
-            sums = task.sums(cfg, p, mb, key, deterministic, label_smoothing)
+            full = p if frozen is None else lora.combine(p, frozen)
+            sums = task.sums(cfg, full, mb, key, deterministic, label_smoothing)
             return sums["loss"], sums
 
         return jax.grad(f, has_aux=True)(state.params)
@@ -269,8 +273,12 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(params, batch: dict[str, Array], *, cfg: ModelConfig, task: Task) -> dict:
+def eval_step(
+    params, batch: dict[str, Array], frozen: dict | None = None, *, cfg: ModelConfig, task: Task
+) -> dict:
     """The task's sums over one eval batch (dropout off); add them up, then ``task.summary``."""
+    if frozen is not None:
+        params = lora.combine(params, frozen)
     return task.sums(cfg, params, batch, None, True, 0.0, True)
 
 
@@ -304,15 +312,29 @@ def state_shardings(cfg: ModelConfig, tx, mesh: Mesh, rules=sharding.DEFAULT_RUL
 
     params_struct = param_shapes(cfg)
     param_sh = sharding.param_shardings(cfg, mesh, rules)
+    if cfg.lora_rank:  # the state holds (and checkpoints) the adapters alone
+        params_struct = lora.adapters_and_base(params_struct)[0]
+        param_sh = lora.adapters_and_base(param_sh)[0]
     abstract = jax.eval_shape(functools.partial(create_state, tx=tx), params_struct)
     opt_sh = sharding.tree_shardings_like(abstract.opt_state, param_sh, params_struct, mesh)
     shardings = TrainState(sharding.replicated(mesh), param_sh, opt_sh)
     return abstract, shardings
 
 
-def jit_train_step(cfg, task, tx, schedule, shardings, mesh, grad_accum=1, label_smoothing=0.0):
+def jit_train_step(
+    cfg,
+    task,
+    tx,
+    schedule,
+    shardings,
+    mesh,
+    grad_accum=1,
+    label_smoothing=0.0,
+    frozen_shardings=None,
+):
     """``train_step`` bound to its static parts, jitted with explicit shardings; donates the
-    state. Call as ``step(state, batch, rng)``."""
+    state. Call as ``step(state, batch, rng)``, or ``step(state, batch, rng, frozen)`` with
+    ``frozen_shardings`` (LoRA)."""
     fn = functools.partial(
         train_step,
         cfg=cfg,
@@ -325,19 +347,23 @@ def jit_train_step(cfg, task, tx, schedule, shardings, mesh, grad_accum=1, label
     # P(('data', 'fsdp')) splits the first dim of a leaf of any rank: one sharding for all.
     batch_sh = sharding.batch_sharding(mesh, 1)
     rep = sharding.replicated(mesh)
+    extra = () if frozen_shardings is None else (frozen_shardings,)
     return jax.jit(
         fn,
-        in_shardings=(shardings, batch_sh, rep),
+        in_shardings=(shardings, batch_sh, rep, *extra),
         out_shardings=(shardings, rep),
         donate_argnums=0,
     )
 
 
-def jit_eval_step(cfg, task, param_shardings, mesh):
+def jit_eval_step(cfg, task, param_shardings, mesh, frozen_shardings=None):
     fn = functools.partial(eval_step, cfg=cfg, task=task)
     rep = sharding.replicated(mesh)
+    extra = () if frozen_shardings is None else (frozen_shardings,)
     return jax.jit(
-        fn, in_shardings=(param_shardings, sharding.batch_sharding(mesh, 1)), out_shardings=rep
+        fn,
+        in_shardings=(param_shardings, sharding.batch_sharding(mesh, 1), *extra),
+        out_shardings=rep,
     )
 
 
@@ -406,7 +432,9 @@ def compiled_steps(
     relaunch (or a sweep, or a test) in the same process compiles nothing again.
 
     Returns:
-        ``(tx, schedule, abstract_state, state_shardings, init, train_step, eval_step)``.
+        ``(tx, schedule, abstract_state, state_shardings, init, train_step, eval_step,
+        frozen_shardings)``; with LoRA (``cfg.lora_rank``) the state holds the adapters and
+        the steps take the frozen base as a last argument (``frozen_shardings``, else None).
     """
     from lm.optim import make_optimizer
 
@@ -415,6 +443,9 @@ def compiled_steps(
     mesh = sharding.make_mesh(dict(zip(sharding.AXES, mesh_shape, strict=True)))
     tx, schedule = make_optimizer(o, num_steps)
     abstract, shardings = state_shardings(cfg, tx, mesh, rules)
+    frozen_sh = None
+    if cfg.lora_rank:
+        frozen_sh = lora.adapters_and_base(sharding.param_shardings(cfg, mesh, rules))[1]
     init = jax.jit(functools.partial(create_state, tx=tx), out_shardings=shardings)
     step_fn = jit_train_step(
         cfg,
@@ -425,15 +456,16 @@ def compiled_steps(
         mesh,
         int(o.get("grad_accum", 1)),
         float(o.get("label_smoothing", 0.0)),
+        frozen_sh,
     )
-    eval_fn = jit_eval_step(cfg, task, shardings.params, mesh)
-    return tx, schedule, abstract, shardings, init, step_fn, eval_fn
+    eval_fn = jit_eval_step(cfg, task, shardings.params, mesh, frozen_sh)
+    return tx, schedule, abstract, shardings, init, step_fn, eval_fn, frozen_sh
 
 
-def _eval_sums(eval_fn, params, batches, mesh) -> dict:
+def _eval_sums(eval_fn, params, batches, mesh, extra=()) -> dict:
     total = None
     for b in batches:
-        s = eval_fn(params, sharding.global_batch(sharding.process_local(b, mesh), mesh))
+        s = eval_fn(params, sharding.global_batch(sharding.process_local(b, mesh), mesh), *extra)
         total = s if total is None else jax.tree.map(jnp.add, total, s)
     return jax.device_get(total)
 
@@ -469,17 +501,25 @@ def run(config, workdir: str) -> dict:
     distributed.initialize(config.get("distributed"))
     primary = jax.process_index() == 0  # writes the run's files; every process trains
     task = get_task(config.task)
-    if task.name != "classification":
-        raise NotImplementedError(f"task {task.name!r}: the loop reads classification data only")
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     check_workdir(config, workdir)
 
     # Data before the model: a bad file is reported in seconds.
-    tokenizer = experiment.load_tokenizer(config)
-    ds = experiment.load_classification_data(config, tokenizer, 1 << 30)
-    labels = list(ds.label_names)
-    model = experiment.load_model(config, num_labels=len(labels))
+    if task.name == "causal_lm":
+        from lm import causal
+
+        cdata = causal.load_data(config)
+        tokenizer, labels = cdata.tokenizer, []
+        num_train, num_eval = cdata.num_train, cdata.num_eval
+        model = causal.load_model(config, cdata)
+    else:
+        tokenizer = experiment.load_tokenizer(config)
+        ds = experiment.load_classification_data(config, tokenizer, 1 << 30)
+        labels = list(ds.label_names)
+        num_train, num_eval = len(ds.train), len(ds.eval) if ds.eval is not None else 0
+        model = experiment.load_model(config, num_labels=len(labels))
+    has_eval = num_eval > 0
     cfg = model.cfg
     if config.data.max_len > cfg.max_len:
         raise experiment.ConfigError(
@@ -488,7 +528,7 @@ def run(config, workdir: str) -> dict:
         )
     t, o = config.train, config.optim
     batch_size = int(t.batch_size)
-    num_steps = int(t.num_steps) or lmdata.num_train_steps(len(ds.train), batch_size, t.num_epochs)
+    num_steps = int(t.num_steps) or lmdata.num_train_steps(num_train, batch_size, t.num_epochs)
     mesh = sharding.make_mesh(
         dict(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
     )
@@ -503,7 +543,7 @@ def run(config, workdir: str) -> dict:
     metric = "eval/" + (t.early_stop_metric or task.default_metric).removeprefix("eval/")
     higher = metric.removeprefix("eval/") in HIGHER_IS_BETTER
 
-    tx, schedule, abstract, shardings, init, step_fn, eval_fn = compiled_steps(
+    tx, schedule, abstract, shardings, init, step_fn, eval_fn, frozen_sh = compiled_steps(
         cfg,
         task.name,
         json.dumps(o.to_dict(), sort_keys=True),
@@ -515,18 +555,21 @@ def run(config, workdir: str) -> dict:
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
         keep=ckpt_cfg.keep,
-        best_metric=metric if ds.eval is not None else None,
+        best_metric=metric if has_eval else None,
         higher_is_better=higher,
         async_save=ckpt_cfg.async_save,
     )
+    params, extra = model.params, ()
+    if cfg.lora_rank:  # train and checkpoint the adapters; the base comes from model.name
+        params, frozen = lora.adapters_and_base(params)
+        extra = (jax.device_put(frozen, frozen_sh),)
     start = ckpt.latest_step()
     if start is not None:
         state, meta = ckpt.restore(start, abstract_with_shardings(abstract, shardings))
         print(f"Resuming {workdir} from step {start}", file=sys.stderr)
     else:
-        params = jax.device_put(model.params, shardings.params)
-        state, meta, start = init(params), {}, 0
-    del model
+        state, meta, start = init(jax.device_put(params, shardings.params)), {}, 0
+    del model, params
 
     from lm.experiment import config_to_dict
 
@@ -538,8 +581,8 @@ def run(config, workdir: str) -> dict:
             model_config=dataclasses.asdict(cfg),
             labels=labels,
             num_steps=num_steps,
-            num_train_examples=len(ds.train),
-            num_eval_examples=len(ds.eval) if ds.eval is not None else 0,
+            num_train_examples=num_train,
+            num_eval_examples=num_eval,
             max_len=int(config.data.max_len),
         ),
     )
@@ -551,8 +594,22 @@ def run(config, workdir: str) -> dict:
     buckets = experiment.buckets(config)
     group = int(config.data.group_batches)
 
-    def eval_batches():
-        return lmdata.classification_eval_batches(ds.eval, eval_bs, buckets)
+    if task.name == "causal_lm":
+
+        def train_batch(step):
+            return cdata.train_batch(batch_size, int(t.seed), step)
+
+        def eval_batches():
+            return cdata.eval_batches(eval_bs)
+    else:
+
+        def train_batch(step):
+            return lmdata.classification_train_batch(
+                ds.train, batch_size, int(t.seed), step, buckets, group_batches=group
+            )
+
+        def eval_batches():
+            return lmdata.classification_eval_batches(ds.eval, eval_bs, buckets)
 
     best, best_step = meta.get("best"), meta.get("best_step")
     bad_evals = int(meta.get("bad_evals", 0))
@@ -580,18 +637,16 @@ def run(config, workdir: str) -> dict:
     try:
         with mesh_context(mesh, rules):
             while step < num_steps:
-                batch = lmdata.classification_train_batch(
-                    ds.train, batch_size, int(t.seed), step, buckets, group_batches=group
-                )
+                batch = train_batch(step)
                 local = sharding.process_local(batch, mesh)  # this process's rows
-                state, metrics = step_fn(state, sharding.global_batch(local, mesh), rng)
+                state, metrics = step_fn(state, sharding.global_batch(local, mesh), rng, *extra)
                 step += 1
                 # Check the previous step's loss while this one runs (keeps the device busy).
                 if prev is not None:
                     window.append(_finite_or_raise(prev, ckpt))
                 prev = (step, metrics)
                 log_now = step % t.log_every == 0 or step == num_steps
-                eval_now = ds.eval is not None and (
+                eval_now = has_eval and (
                     (t.eval_every and step % t.eval_every == 0) or step == num_steps
                 )
                 save_now = (ckpt_cfg.every_steps and step % ckpt_cfg.every_steps == 0) or eval_now
@@ -619,7 +674,7 @@ def run(config, workdir: str) -> dict:
                         last_eval = {
                             f"eval/{k}": v
                             for k, v in task.summary(
-                                _eval_sums(eval_fn, state.params, eval_batches(), mesh)
+                                _eval_sums(eval_fn, state.params, eval_batches(), mesh, extra)
                             ).items()
                         }
                         writer.write(step, last_eval)
