@@ -1,7 +1,7 @@
 """Two processes x 4 CPU devices (gloo collectives) train like one process with 8 devices.
 
 ``scripts/launch_local.py`` starts two copies of ``scripts/finetune.py`` on 127.0.0.1; they
-meet through ``lm.distributed.initialize`` (LM_COORDINATOR / LM_NUM_PROCESSES / LM_PROCESS_ID),
+meet through ``lm.distributed.initialize`` (called by ``lm.train.run``) (LM_COORDINATOR / LM_NUM_PROCESSES / LM_PROCESS_ID),
 train a tiny BERT-shaped classifier on a small TSV, save an Orbax checkpoint, and log the same
 per-step losses as ``lm.train.run`` in this (8-device) process.
 """
@@ -17,17 +17,6 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
-
-# lm.train.run does not call lm.distributed.initialize yet (docs_drafts/proposed_train.diff);
-# this shim does it before running the real script, as the patched run() will.
-DRIVER = f"""
-import runpy, sys
-sys.path.insert(0, {REPO!r})
-import lm.distributed
-assert lm.distributed.initialize(), "LM_* variables missing: not launched by launch_local.py"
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 def write_tsv(path, n, seed):
@@ -58,7 +47,6 @@ def setup(tmp_path_factory):
     save_hf_dir(cfg, init_params(cfg, 0), model_dir, load_tokenizer(resolve("minilm-l6")))
     train = str(root / "train.tsv")
     write_tsv(train, 128, 0)
-    (root / "driver.py").write_text(DRIVER)
     overrides = dict(
         model=dict(name=model_dir, dtype="float32", dropout_rate=0.0, attn_dropout_rate=0.0),
         data=dict(name="", train_files=train, max_len=32, cache_dir=str(root / "cache")),
@@ -85,13 +73,12 @@ def flags(overrides):
 
 
 def train_losses(workdir):
-    """Per-step train/loss from metrics.jsonl (each process may log its own copy of a row)."""
+    """Per-step train/loss from metrics.jsonl (process 0 alone writes it: one row per step)."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if "train/loss" in line]
-    by_step = {}
-    for r in rows:
-        assert by_step.setdefault(r["step"], r["train/loss"]) == r["train/loss"], r
-    return [by_step[s] for s in sorted(by_step)]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), steps
+    return [r["train/loss"] for r in rows]
 
 
 @pytest.mark.slow
@@ -114,7 +101,6 @@ def test_two_processes_match_one_process(setup):
         "--num_processes=2",
         "--devices_per_process=4",
         "--",
-        str(root / "driver.py"),
         os.path.join(REPO, "scripts/finetune.py"),
         f"--config={os.path.join(REPO, 'configs/sst2_minilm.py')}",
         f"--workdir={work}",
@@ -129,28 +115,12 @@ def test_two_processes_match_one_process(setup):
     # One Orbax checkpoint, written jointly and complete (Orbax renames it when every process
     # is done), holding the same parameters; it restores in this 8-device process.
     assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == [str(STEPS)]
-    params = restore_on_one_device(os.path.join(work, "checkpoints", str(STEPS)))["params"]
-    ref_params = restore_on_one_device(os.path.join(ref_dir, "checkpoints", str(STEPS)))["params"]
+    from lm.checkpoint import Checkpointer
+
+    params, _ = Checkpointer(os.path.join(work, "checkpoints")).restore_params(STEPS)
+    ref_params, _ = Checkpointer(os.path.join(ref_dir, "checkpoints")).restore_params(STEPS)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-
-
-def restore_on_one_device(step_dir):
-    """The saved TrainState tree on the default device, whatever topology saved it.
-
-    ``Checkpointer.restore_params`` restores without a target, which Orbax refuses for a
-    checkpoint written by other devices (docs_drafts/proposed_checkpoint.diff fixes it the
-    same way: a target built from the checkpoint's own metadata).
-    """
-    import jax
-    import orbax.checkpoint as ocp
-
-    path = os.path.join(step_dir, "state")
-    with ocp.StandardCheckpointer() as ckpt:
-        tree = ckpt.metadata(path).item_metadata
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)
-        return ckpt.restore(path, target)
 
 
 def test_launch_local_reports_a_failing_child(tmp_path):
