@@ -180,7 +180,10 @@ _COMPILED: dict = {}
 
 def _signature(tree) -> tuple:
     leaves, treedef = jax.tree.flatten(tree)
-    return (treedef, tuple((x.shape, str(x.dtype)) for x in leaves))
+    # Shardings belong to the key: an executable compiled for one device refuses
+    # tensor-parallel parameters (and vice versa).
+    sig = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
+    return (treedef, sig)
 
 
 def _compiled(kind: str, fn, args: tuple, static: dict, donate: tuple = ()):
