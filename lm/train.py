@@ -30,7 +30,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -375,6 +377,47 @@ class TrainingError(RuntimeError):
     that is kept."""
 
 
+class Preempted(RuntimeError):
+    """SIGTERM/SIGINT (or a multi-host preemption notice) arrived: the current step finished,
+    a checkpoint of it was written, and a relaunch in the same workdir resumes from it."""
+
+
+class _PreemptionWatch:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step.
+
+    One process: the signal handler sets the flag (a second signal exits at once, the way a
+    user expects a second Ctrl-C to). Several processes: every host must save the same step, so
+    the decision comes from JAX's preemption sync point through Orbax
+    (``CheckpointManager.reached_preemption``), not from local signals.
+    """
+
+    def __init__(self, ckpt, multiprocess: bool):
+        self.ckpt, self.multiprocess, self.signum = ckpt, multiprocess, None
+        self._old = {}
+
+    def __enter__(self):
+        if not self.multiprocess and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: stop now
+            raise KeyboardInterrupt(f"signal {signum} received twice")
+        self.signum = signum
+        print(f"\nsignal {signum}: finishing this step and writing a checkpoint", file=sys.stderr)
+
+    def requested(self, step: int) -> bool:
+        if self.multiprocess:
+            return bool(self.ckpt.manager.reached_preemption(step))
+        return self.signum is not None
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
 class WorkdirError(RuntimeError):
     """The workdir holds a different run (another model, data or recipe)."""
 
@@ -634,8 +677,9 @@ def run(config, workdir: str) -> dict:
     win_start, train_time, train_examples = time.perf_counter(), 0.0, 0
     step = start
     stopped = "finished"
+    watch = _PreemptionWatch(ckpt, jax.process_count() > 1)
     try:
-        with mesh_context(mesh, rules):
+        with mesh_context(mesh, rules), watch:
             while step < num_steps:
                 batch = train_batch(step)
                 local = sharding.process_local(batch, mesh)  # this process's rows
@@ -700,6 +744,23 @@ def run(config, workdir: str) -> dict:
                         break
                 else:
                     bar.update(step - bar.n)
+                if watch.requested(step) and step < num_steps:
+                    if prev is not None:  # never checkpoint a state whose loss was not finite
+                        window.append(_finite_or_raise(prev, ckpt))
+                        prev = None
+                    if window:
+                        writer.write(
+                            step,
+                            {
+                                f"train/{k}": float(np.mean([w[k] for w in window]))
+                                for k in window[-1]
+                            },
+                        )
+                        window = []
+                    if step not in ckpt.all_steps():
+                        save(step)
+                    stopped = "preempted"
+                    break
     except BaseException:
         # NaN, Ctrl-C, a crash: let pending saves (all of good states) finish, keep the logs.
         bar.close()
@@ -707,6 +768,13 @@ def run(config, workdir: str) -> dict:
         writer.close()
         raise
     bar.close()
+    if stopped == "preempted":
+        ckpt.close()
+        writer.close()
+        raise Preempted(
+            f"preempted at step {step}: checkpoint written to {ckpt.directory}; "
+            "relaunch the same command to resume"
+        )
     if step not in ckpt.all_steps():
         save(step, None, True, stopped)
     ckpt.close()

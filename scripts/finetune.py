@@ -3,7 +3,8 @@
     python scripts/finetune.py --config=configs/sst2_minilm.py[:smoke] --workdir=DIR \
         [--config.optim.lr=1e-4 ...]
 
-Exit status: 0 done, 1 training stopped (NaN/Inf loss), 2 bad config / data / workdir.
+Exit status: 0 done, 1 training stopped (NaN/Inf loss), 2 bad config / data / workdir,
+3 preempted (SIGTERM/SIGINT: the current step finished and was checkpointed; relaunch resumes).
 """
 
 import os
@@ -26,7 +27,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     from lm.data import DataError
-    from lm.train import TrainingError, WorkdirError, run
+    from lm.train import Preempted, TrainingError, WorkdirError, run
 
     try:
         summary = run(_CONFIG.value, _WORKDIR.value)
@@ -36,6 +37,9 @@ def main(argv):
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(3)
     print(experiment.summary_line(summary))
 
 
