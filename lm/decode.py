@@ -480,7 +480,7 @@ def is_workdir(path: str) -> bool:
 def load_for_decode(name: str, dtype: str | None = None):
     """A ``Pretrained`` for decoding from a short name, HF dir, hub id, GGUF file or workdir.
 
-    A fine-tuning workdir is restored through ``lm.checkpoint.load_workdir`` (owned by the
+    A fine-tuning workdir is restored through ``lm.workdir.load_workdir`` (owned by the
     training code).
 
     Raises:
@@ -490,10 +490,10 @@ def load_for_decode(name: str, dtype: str | None = None):
     path = os.path.expanduser(str(name))
     if is_workdir(path):
         try:
-            from lm.checkpoint import load_workdir  # type: ignore[attr-defined]
+            from lm.workdir import load_workdir
         except ImportError as e:
             raise NotImplementedError(
-                f"{path} is a training workdir, but lm.checkpoint.load_workdir is not available "
+                f"{path} is a training workdir, but lm.workdir.load_workdir is not available "
                 "yet; export the run to an HF directory and pass that directory as the model"
             ) from e
         return load_workdir(path, dtype=dtype)
