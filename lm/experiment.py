@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
             label_column=cd.placeholder(object),  # name or index; default "label" / last column
             labels=cd.placeholder(tuple),  # the label set; default: inferred from train_files
             max_len=128,
+            too_long="truncate",  # longer examples: "truncate" (with a warning) | "error"
             train_split="train",
             eval_split="validation",
             buckets=cd.placeholder(tuple),  # padded lengths; default: default_buckets(max_len)
@@ -102,9 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     # LoRA (lm.lora) on the Dense modules named in targets; rank 0 trains every parameter.
-    c.lora = ml_collections.ConfigDict(
-        dict(rank=0, alpha=16.0, dropout=0.0, targets=("q", "v"))
-    )
+    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=("q", "v")))
     c.train = ml_collections.ConfigDict(
         dict(
             num_steps=0,  # > 0 wins over num_epochs
@@ -136,6 +135,13 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2, async_save=True))
+    c.debug = ml_collections.ConfigDict(
+        dict(
+            nans=False,  # jax_debug_nans: re-run the failing op eagerly and raise at the first NaN
+            profile_steps=0,  # > 0: jax.profiler trace of that many steps into workdir/profile
+            profile_start=2,  # the first traced step (after compilation)
+        )
+    )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=cd.placeholder(tuple)))
     c.distributed = ml_collections.ConfigDict(
         dict(
@@ -227,6 +233,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     choice("model.dtype", config.model.dtype, (*DTYPES, "auto"))
     choice("model.param_dtype", config.model.param_dtype, DTYPES)
     choice("optim.schedule", config.optim.schedule, SCHEDULES)
+    choice("data.too_long", config.data.too_long, ("truncate", "error"))
+    if config.debug.profile_steps < 0:
+        errors.append(f"config.debug.profile_steps={config.debug.profile_steps} must be >= 0")
     t, o = config.train, config.optim
     if t.batch_size <= 0:
         errors.append(f"config.train.batch_size={t.batch_size} must be > 0")
@@ -248,7 +257,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.task == "causal_lm":
         choice("data.kind", config.data.kind, ("chars", "sft"))
         if not 0 < config.data.eval_fraction < 1:
-            errors.append(f"config.data.eval_fraction={config.data.eval_fraction} must be in (0, 1)")
+            errors.append(
+                f"config.data.eval_fraction={config.data.eval_fraction} must be in (0, 1)"
+            )
     lo = config.lora
     if lo.rank < 0:
         errors.append(f"config.lora.rank={lo.rank} must be >= 0 (0: full fine-tuning)")
@@ -614,6 +625,20 @@ def load_classification_data(config: ml_collections.ConfigDict, tokenizer, max_p
     evals = _head(ds.eval, config.data.max_eval_examples) if ds.eval is not None else None
     if len(train) == 0:
         raise lmdata.DataError("the training data is empty")
+    for split, part in (("train", train), ("eval", evals)):
+        n = int(getattr(part, "num_truncated", 0) or 0) if part is not None else 0
+        if not n:
+            continue
+        msg = (
+            f"{n} of {len(part)} {split} examples are longer than data.max_len="
+            f"{config.data.max_len} tokens"
+        )
+        if config.data.too_long == "error":
+            raise lmdata.DataError(
+                msg + " (data.too_long='error'; raise data.max_len, up to the model's "
+                f"{max_positions}, or set data.too_long='truncate')"
+            )
+        print(f"warning: {msg}; they are truncated (data.too_long='truncate')", file=sys.stderr)
     return dataclasses.replace(ds, train=train, eval=evals)
 
 

@@ -678,9 +678,15 @@ def run(config, workdir: str) -> dict:
     step = start
     stopped = "finished"
     watch = _PreemptionWatch(ckpt, jax.process_count() > 1)
+    dbg = config.debug
+    jax.config.update("jax_debug_nans", bool(dbg.nans))
+    profile = _Profile(
+        os.path.join(workdir, "profile"), int(dbg.profile_start), int(dbg.profile_steps)
+    )
     try:
         with mesh_context(mesh, rules), watch:
             while step < num_steps:
+                profile.before(step)
                 batch = train_batch(step)
                 local = sharding.process_local(batch, mesh)  # this process's rows
                 state, metrics = step_fn(state, sharding.global_batch(local, mesh), rng, *extra)
@@ -744,6 +750,7 @@ def run(config, workdir: str) -> dict:
                         break
                 else:
                     bar.update(step - bar.n)
+                profile.after(step, state)
                 if watch.requested(step) and step < num_steps:
                     if prev is not None:  # never checkpoint a state whose loss was not finite
                         window.append(_finite_or_raise(prev, ckpt))
@@ -789,6 +796,30 @@ def run(config, workdir: str) -> dict:
         stopped=stopped,
     )
     return summary
+
+
+class _Profile:
+    """A ``jax.profiler`` trace of steps [start, start + n) into ``directory`` (TensorBoard's
+    profile plugin or Perfetto open it); n = 0 traces nothing."""
+
+    def __init__(self, directory: str, start: int, n: int):
+        self.directory, self.start, self.stop, self.active = directory, start, start + n, False
+        self.enabled = n > 0 and jax.process_index() == 0
+
+    def before(self, step: int) -> None:
+        if self.enabled and not self.active and self.start <= step < self.stop:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, step: int, state) -> None:
+        if self.active and step >= self.stop:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
+            print(
+                f"profile of steps {self.start}..{self.stop - 1} written to {self.directory}",
+                file=sys.stderr,
+            )
 
 
 class _NullWriter:
