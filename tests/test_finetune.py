@@ -240,3 +240,23 @@ def test_headerless_csv_with_two_text_columns_through_overrides(tmp_path):
     with open(tmp_path / "w" / "model.json") as f:
         assert json.load(f)["labels"] == ["no", "yes"]
     assert experiment.data_kwargs(c)["text_columns"] == (1, 2)
+
+
+def test_early_stopping_on_eval_loss(files, tmp_path):
+    train, dev = files
+    cfg = tiny_config(
+        train, dev, tmp_path, **{"train.early_stop_metric": "eval/loss", "train.patience": 1}
+    )
+    wd = str(tmp_path / "es")
+    out = run(cfg, wd)
+    evals = [r for r in read_jsonl(os.path.join(wd, "metrics.jsonl")) if "eval/loss" in r]
+    # Stops at the first evaluation whose loss is not below the best so far.
+    worse = next(
+        i
+        for i in range(1, len(evals))
+        if evals[i]["eval/loss"] >= min(e["eval/loss"] for e in evals[:i])
+    )
+    assert out["step"] == evals[worse]["step"] < 24
+    assert out["stopped"].startswith("early stop: eval/loss")
+    assert out["best_step"] == min(evals[: worse + 1], key=lambda e: e["eval/loss"])["step"]
+    assert run(cfg, wd)["stopped"] == out["stopped"]  # a relaunch does not train on
