@@ -283,11 +283,9 @@ def test_encoder_cannot_decode():
 def test_workdir_hook(tmp_path):
     (tmp_path / "config.json").write_text('{"model": {"preset": "tiny"}}')
     assert decode.is_workdir(str(tmp_path))
-    try:
-        from lm.checkpoint import load_workdir  # noqa: F401
-    except ImportError:
-        with pytest.raises(NotImplementedError, match="training workdir.*load_workdir"):
-            decode.load_for_decode(str(tmp_path))
+    # A workdir goes to lm.workdir.load_workdir (or says it is missing), never to the HF loader.
+    with pytest.raises((NotImplementedError, lm.CheckpointError), match="load_workdir|run dir"):
+        decode.load_for_decode(str(tmp_path))
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text('{"model_type": "llama"}')
@@ -361,8 +359,5 @@ def test_script_rejects_bad_config_before_loading(tmp_path):
 
 def test_script_workdir_model_message(tmp_path):
     (tmp_path / "config.json").write_text('{"task": "causal_lm"}')
-    try:
-        from lm.checkpoint import load_workdir  # noqa: F401
-    except ImportError:
-        with pytest.raises(NotImplementedError, match="load_workdir"):
-            _script().run(_config(model=str(tmp_path), prompt="hi"))
+    with pytest.raises((NotImplementedError, lm.CheckpointError), match="load_workdir|run dir"):
+        _script().run(_config(model=str(tmp_path), prompt="hi"))
