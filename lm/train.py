@@ -668,7 +668,8 @@ def run(config, workdir: str) -> dict:
 
     def save(step, metrics=None, done=False, stopped=None):
         m = dict(best=best, best_step=best_step, bad_evals=bad_evals, done=done, stopped=stopped)
-        ckpt.save(step, state, m, metrics=metrics)
+        with _checkpoint_errors(ckpt):
+            ckpt.save(step, state, m, metrics=metrics)
 
     bar = tqdm.tqdm(
         total=num_steps, initial=start, disable=not t.progress, unit="step", dynamic_ncols=True
@@ -768,10 +769,15 @@ def run(config, workdir: str) -> dict:
                         save(step)
                     stopped = "preempted"
                     break
-    except BaseException:
+    except BaseException as e:
         # NaN, Ctrl-C, a crash: let pending saves (all of good states) finish, keep the logs.
         bar.close()
-        ckpt.close()
+        try:
+            with _checkpoint_errors(ckpt):
+                ckpt.close()
+        except TrainingError:
+            if not isinstance(e, TrainingError):
+                raise
         writer.close()
         raise
     bar.close()
@@ -784,7 +790,8 @@ def run(config, workdir: str) -> dict:
         )
     if step not in ckpt.all_steps():
         save(step, None, True, stopped)
-    ckpt.close()
+    with _checkpoint_errors(ckpt):
+        ckpt.close()
     writer.plot(metric)
     writer.close()
     summary.update(
@@ -796,6 +803,25 @@ def run(config, workdir: str) -> dict:
         stopped=stopped,
     )
     return summary
+
+
+@contextlib.contextmanager
+def _checkpoint_errors(ckpt):
+    """A failed checkpoint write (disk full, quota, permissions) as one TrainingError naming
+    the last complete checkpoint; Orbax only lists checkpoints whose write finished."""
+    try:
+        yield
+    except OSError as e:
+        try:
+            ckpt.manager.wait_until_finished()
+        except OSError:
+            pass
+        steps = [s for s in ckpt.all_steps()]
+        last = max(steps) if steps else None
+        kept = (
+            f"the last complete checkpoint is step {last}" if last else "no checkpoint is complete"
+        )
+        raise TrainingError(f"checkpoint write failed in {ckpt.directory}: {e}; {kept}") from e
 
 
 class _Profile:
