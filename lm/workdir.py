@@ -70,11 +70,15 @@ def load_workdir(path: str, step: int | None = None, dtype: str | None = None):
     finally:
         ckpt.close()
     if cfg.lora_rank:
-        from lm.pretrained import load
+        # The frozen base as the run started from it: the checkpoint, or a preset's seeded init.
+        import copy
 
-        base = load(
-            config.model.name, head="lm", dtype=config.model.param_dtype, tokenizer=False
-        ).params
+        from lm.experiment import is_preset, load_model
+
+        config = copy.deepcopy(config)
+        if is_preset(config.model.name):
+            config.model.vocab_size = cfg.vocab_size
+        base = lora.adapters_and_base(load_model(config).params)[1]
         cfg, params = lora.merge(cfg, lora.combine(jax.device_get(params), base))
     return Pretrained(cfg, jax.device_get(params), tokenizer, None, "", False)
 

@@ -1,9 +1,11 @@
-"""Export a fine-tuned classifier as a Hugging Face directory.
+"""Export a fine-tuned classifier or causal LM as a Hugging Face directory.
 
     python scripts/export.py --workdir=DIR --out=HFDIR [--step=N]
 
 ``transformers.AutoModelForSequenceClassification.from_pretrained(HFDIR)`` loads it with the
-same logits and the run's label names (``id2label``); the tokenizer is saved beside it.
+same logits and the run's label names (``id2label``); the tokenizer is saved beside it. A
+causal-LM run (``task: causal_lm``) exports for ``AutoModelForCausalLM``, LoRA adapters merged
+into the base weights.
 """
 
 import os
@@ -24,7 +26,17 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     from lm.classify import Classifier, WorkdirNotReady
+    from lm.workdir import export_workdir, is_causal_run
 
+    if is_causal_run(FLAGS.workdir):  # causal LM: LoRA adapters merged, AutoModelForCausalLM
+        from lm.convert.hf import CheckpointError
+
+        try:
+            out, m = export_workdir(FLAGS.workdir, FLAGS.out, FLAGS.step)
+        except CheckpointError as e:
+            sys.exit(f"error: {e}")
+        print(f"exported causal LM ({m.cfg.family}, LoRA merged if any) to {out}")
+        return
     try:
         clf = Classifier.from_workdir(FLAGS.workdir, FLAGS.step)
     except WorkdirNotReady as e:
