@@ -25,7 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "shakespeare_char.py")
+CONFIG = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "configs", "shakespeare_char.py"
+)
 
 
 def run_lm(steps: int) -> dict:
@@ -93,7 +95,9 @@ def run_torch(steps: int) -> dict:
         x = torch.from_numpy(b["tokens"]).long()
         y = torch.from_numpy(b["targets"]).long()
         logits = model(input_ids=x).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)

@@ -101,10 +101,22 @@ def char_run(tmp_path_factory):
     return wd, summary
 
 
-def test_char_resume_equals_uninterrupted(char_run, tmp_path):
+def test_char_resume_equals_uninterrupted(char_run, tmp_path, monkeypatch):
+    from lm import data as lmdata
+
     wd, full = char_run
     part = str(tmp_path / "part")
-    run(char_config(4), part)  # stops at 4 (a checkpoint), relaunch with the full budget
+    real = lmdata.char_train_batch
+
+    def dying(data, bs, context, seed, step):
+        if step == 5:  # killed after step 5; the checkpoint of step 4 is complete
+            raise KeyboardInterrupt("simulated kill")
+        return real(data, bs, context, seed, step)
+
+    monkeypatch.setattr(lmdata, "char_train_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(char_config(8), part)
+    monkeypatch.setattr(lmdata, "char_train_batch", real)
     resumed = run(char_config(8), part)
     assert resumed["eval"]["eval/loss"] == pytest.approx(full["eval"]["eval/loss"], abs=1e-6)
     a = {r["step"]: r for r in read_jsonl(os.path.join(wd, "metrics.jsonl")) if "train/loss" in r}
@@ -120,7 +132,9 @@ def test_decode_from_char_workdir(char_run):
 
     wd, _ = char_run
     m = load_for_decode(wd)
-    assert m.cfg.vocab_size == 65 and m.tokenizer.decode(m.tokenizer("To be")["input_ids"]) == "To be"
+    assert (
+        m.cfg.vocab_size == 65 and m.tokenizer.decode(m.tokenizer("To be")["input_ids"]) == "To be"
+    )
     spec = importlib.util.spec_from_file_location(
         "decode_script", os.path.join(ROOT, "scripts", "decode.py")
     )
@@ -153,7 +167,10 @@ def test_sft_lora_trains_adapters_only(lora_run):
         target = ckpt.host_target(ckpt.latest_step())
     finally:
         ckpt.close()
-    names = {jax.tree_util.keystr(p)[-9:] for p, _ in jax.tree_util.tree_flatten_with_path(target["params"])[0]}
+    names = {
+        jax.tree_util.keystr(p)[-9:]
+        for p, _ in jax.tree_util.tree_flatten_with_path(target["params"])[0]
+    }
     assert names == {"'lora_a']", "'lora_b']"}  # the checkpoint holds adapters only
     opt_leaves = jax.tree.leaves(target["opt_state"])
     n_adapter = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(target["params"]))
