@@ -57,7 +57,9 @@ def add_adapters(cfg: ModelConfig, base_params: dict, rng: jax.Array | int = 0) 
         name = path[-1].key
         if name == "lora_a":
             k = jax.random.fold_in(key, index[jax.tree_util.keystr(path)])
-            return np.asarray(jax.random.normal(k, s.shape, jnp.float32) / np.sqrt(s.shape[0]), s.dtype)
+            return np.asarray(
+                jax.random.normal(k, s.shape, jnp.float32) / np.sqrt(s.shape[0]), s.dtype
+            )
         if name == "lora_b":
             return np.zeros(s.shape, s.dtype)
         return _get(base_params, path)
