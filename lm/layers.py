@@ -121,11 +121,13 @@ class Embed(nn.Module):
     features: int
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # Small tables (positions, token types) are not split along their rows: ("table", "embed").
+    axes: tuple[str, str] = ("vocab", "embed")
 
     def setup(self):
         self.embedding = self.param(
             "embedding",
-            nn.with_logical_partitioning(_kernel_init(), ("vocab", "embed")),
+            nn.with_logical_partitioning(_kernel_init(), self.axes),
             (self.num, self.features),
             dtype_of(self.param_dtype),
         )

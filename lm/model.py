@@ -108,14 +108,24 @@ class Transformer(nn.Module):
         x = embed(tokens)  # [B, T, D]
         if cfg.positions == "learned":
             pos_embed = Embed(
-                cfg.max_len, cfg.d_model, cfg.dtype, cfg.param_dtype, name="pos_embed"
+                cfg.max_len,
+                cfg.d_model,
+                cfg.dtype,
+                cfg.param_dtype,
+                name="pos_embed",
+                axes=("table", "embed"),
             )
             x = x + pos_embed(positions)
         if cfg.type_vocab_size:
             if token_types is None:
                 token_types = jnp.zeros((b, t), jnp.int32)
             type_embed = Embed(
-                cfg.type_vocab_size, cfg.d_model, cfg.dtype, cfg.param_dtype, name="type_embed"
+                cfg.type_vocab_size,
+                cfg.d_model,
+                cfg.dtype,
+                cfg.param_dtype,
+                name="type_embed",
+                axes=("table", "embed"),
             )
             x = x + type_embed(token_types)
         if cfg.embed_norm:

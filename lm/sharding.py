@@ -37,6 +37,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv", "tensor"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
+    ("table", None),  # position / token-type tables: small, replicated along their rows
 )
 
 
