@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -190,6 +191,14 @@ def config_from_hf(hf: dict, source: str = "config.json") -> tuple[ModelConfig, 
     except KeyError as e:
         raise CheckpointError(f"{source}: missing field {e.args[0]!r} for model_type {mt!r}") from e
     kw["num_labels"] = num_labels
+    window = hf.get("sliding_window") if mt in ("mistral", "qwen2") else None
+    if window and hf.get("use_sliding_window", mt == "mistral") and window < kw["max_len"]:
+        # lm implements full attention: identical up to `window` tokens, different beyond.
+        print(
+            f"warning: {source}: sliding_window={window} is not implemented; attention is full, "
+            f"which matches the checkpoint only for sequences of at most {window} tokens",
+            file=sys.stderr,
+        )
     return ModelConfig(**kw), {"labels": labels}
 
 
