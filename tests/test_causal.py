@@ -127,7 +127,6 @@ def test_char_resume_equals_uninterrupted(char_run, tmp_path, monkeypatch):
 
 
 def test_decode_from_char_workdir(char_run):
-    import importlib.util
 
     from lm.decode import load_for_decode
 
@@ -136,11 +135,9 @@ def test_decode_from_char_workdir(char_run):
     assert (
         m.cfg.vocab_size == 65 and m.tokenizer.decode(m.tokenizer("To be")["input_ids"]) == "To be"
     )
-    spec = importlib.util.spec_from_file_location(
-        "decode_script", os.path.join(ROOT, "scripts", "decode.py")
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from test_decode_smollm2 import load_script
+
+    script = load_script()  # one module per process: its absl flags can be defined once
     config = load_config_file(os.path.join(ROOT, "configs", "decode.py"))
     config.model = wd
     config.prompt = "ROMEO:"
