@@ -7,7 +7,7 @@ The recipe is BERT's fine-tuning one as transformers' Trainer runs it (and as
 scripts/bench_finetune.py compares against): 1 epoch, batch 32, max_len 64, AdamW lr 5e-5,
 weight decay 0.01 (not on biases and norms), 6% warmup then linear decay, clip 1.0, dropout 0.1.
 Two choices of ours make it fast: batches are drawn at random and then grouped by length within
-windows of 20 batches (``data.group_batches``), so a batch pads to ~22 tokens instead of the ~40
+windows of 20 batches (``data.group_batches``), so a batch pads to ~18 tokens instead of the ~40
 of random batches; and ``model.dtype="auto"`` computes in bfloat16 (float32 master weights and
 accumulation) where the hardware has a fast bfloat16 path (GPU, TPU, CPU with AMX) and in float32
 elsewhere. ``:smoke`` trains 20 steps on 640 examples (one padded length, so two compiles) and

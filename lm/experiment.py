@@ -570,16 +570,21 @@ def data_kwargs(config: ml_collections.ConfigDict) -> dict:
 
 
 def default_buckets(max_len: int) -> tuple[int, ...]:
-    """Padded lengths for batches: 16, 24, 32, 48, 64, 96, ... (steps of ~1.5x), and max_len.
+    """Padded lengths for batches: 8, 12, 16, 20, 24, then steps of ~1.4x (32, 48, 64, 96,
+    128, ...), and max_len.
 
-    Finer than powers of two: on SST-2 at max_len 64 a random batch of 32 pads to 47 tokens on
-    average against 58 with (16, 32, 64) and 40 with per-batch dynamic padding, at the price
-    of 5 compiled shapes instead of 3.
+    Fine at the short end, where most sentences of classification sets are: on SST-2 at
+    max_len 64, length-grouped batches of 32 (``data.group_batches=20``) pad to 17.6 tokens on
+    average against 21.8 with (16, 24, 32, 48, 64), a ~12% shorter epoch for 3 more compiled
+    shapes (~10 s each for MiniLM on 2 cores).
     """
-    out, n = [], 16
+    out, n = [], 8
     while n < max_len:
         out.append(n)
-        n = n * 3 // 2 if (n & (n - 1)) == 0 else n * 4 // 3
+        if n < 24:
+            n += 4
+        else:
+            n = n * 3 // 2 if (n & (n - 1)) == 0 else n * 4 // 3
     return (*out, max_len)
 
 

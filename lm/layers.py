@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.config import ModelConfig
+from lm.dropout import Dropout
 
 Array = jax.Array
 
@@ -33,13 +34,16 @@ def _kernel_init(std: float = 0.02):
 
 def matmul(x: Array, w: Array, dtype) -> Array:
     """x[..., I] @ w[I, O] with float32 accumulation, returned in ``dtype``."""
+    # As one 2-D [N, I] x [I, O] product: XLA:CPU differentiates a 3-D dot_general into
+    # transposes plus dots about 2x slower than the 2-D ones (measured on the train step).
+    lead = x.shape[:-1]
     y = jax.lax.dot_general(
-        x.astype(dtype),
+        x.reshape(-1, x.shape[-1]).astype(dtype),
         w.astype(dtype),
-        (((x.ndim - 1,), (0,)), ((), ())),
+        (((1,), (0,)), ((), ())),
         preferred_element_type=jnp.float32,
     )
-    return y.astype(dtype)
+    return y.astype(dtype).reshape(*lead, w.shape[-1])
 
 
 class Dense(nn.Module):
@@ -92,7 +96,7 @@ class Dense(nn.Module):
                 (self.lora_rank, self.features),
                 pdt,
             )
-            h = nn.Dropout(self.lora_dropout)(x, deterministic=deterministic)
+            h = Dropout(self.lora_dropout)(x, deterministic=deterministic)
             lora = matmul(matmul(h, a, dtype_of(self.dtype)), b, dtype_of(self.dtype))
             y = y + lora * (self.lora_alpha / self.lora_rank)
         return y
@@ -273,7 +277,7 @@ class Attention(nn.Module):
         s = s / math.sqrt(cfg.head_dim)
         s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
         p = jax.nn.softmax(s, axis=-1)
-        p = nn.Dropout(cfg.attn_dropout_rate)(p, deterministic=False)
+        p = Dropout(cfg.attn_dropout_rate)(p, deterministic=False)
         return jnp.einsum("bnts,bsnh->btnh", p.astype(v.dtype), v).astype(q.dtype)
 
 

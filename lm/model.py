@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.config import ModelConfig
+from lm.dropout import Dropout
 from lm.layers import MLP, Attention, Dense, Embed, Norm, attention_mask, constrain, dtype_of
 
 Array = jax.Array
@@ -32,7 +33,7 @@ class Block(nn.Module):
     def __call__(self, x, positions, mask, cache=None, index=None, deterministic=True):
         cfg = self.cfg
         norm = functools.partial(Norm, cfg.norm, cfg.norm_eps, cfg.dtype, cfg.param_dtype)
-        drop = nn.Dropout(cfg.dropout_rate)
+        drop = Dropout(cfg.dropout_rate)
         attn = Attention(cfg, name="attn")
         mlp = MLP(cfg, name="mlp")
         if cfg.pre_norm:
@@ -102,7 +103,7 @@ class Transformer(nn.Module):
             mask = jnp.ones((b, t), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        drop = nn.Dropout(cfg.dropout_rate)
+        drop = Dropout(cfg.dropout_rate)
 
         embed = Embed(cfg.vocab_size, cfg.d_model, cfg.dtype, cfg.param_dtype, name="embed")
         x = embed(tokens)  # [B, T, D]
@@ -192,7 +193,7 @@ class Transformer(nn.Module):
 
     def _head(self, x, mask, embed, deterministic):
         cfg = self.cfg
-        drop = nn.Dropout(cfg.dropout_rate)
+        drop = Dropout(cfg.dropout_rate)
         cls = functools.partial(Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         out = {}
         pooled = None
