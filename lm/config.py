@@ -75,7 +75,9 @@ class ModelConfig:
     # Numerics and performance.
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of parameters
-    attention_impl: str = "xla"  # passed to jax.nn.dot_product_attention: "xla" | "cudnn"
+    # Training/eval attention, passed to jax.nn.dot_product_attention: "xla" | "cudnn" | "auto".
+    # Decoding through a KV cache always runs lm.layers.dot_attention.
+    attention_impl: str = "xla"
     remat: str = "none"  # "none" | "full" | "dots": activation rematerialization per block
     scan_layers: bool = False  # nn.scan over layers: params stacked on a leading 'layers' axis
 

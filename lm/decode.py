@@ -139,6 +139,7 @@ def _prefill(params, tokens, mask, keys, eos_ids, *, cfg, strategy, cache_len, o
     """
     b = tokens.shape[0]
     cache = init_cache(cfg, b, cache_len)
+    cache["index"] = 0  # a Python 0: the model knows statically that the cache is empty
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)  # [B, P]
     h, cache = _trunk(cfg, params, tokens, mask, positions, cache)
     logits = _lm_head(cfg, params, h[:, -1])  # left padding: the last column is real

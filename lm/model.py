@@ -76,7 +76,9 @@ class Transformer(nn.Module):
         positions: int [B, T], position of each token in its own sequence (default 0..T-1).
         token_types: int [B, T] (BERT sentence A/B; default zeros).
         segment_ids: int [B, T] packed-example ids; attention stays inside a segment.
-        cache: from ``init_cache``; the T tokens are written at slot ``cache["index"]``.
+        cache: from ``init_cache``; the T tokens are written at slot ``cache["index"]``. An
+            ``index`` that is the Python int 0 (``empty_cache``) says statically that the
+            cache is empty: attention then reads the T new keys only (a prefill).
         deterministic: False enables dropout (needs a "dropout" rng).
 
     Returns a dict: ``hidden`` [B, T, D]; ``logits`` ([B, T, V] for "lm", [B, C] for
@@ -166,7 +168,11 @@ class Transformer(nn.Module):
 
         out: dict[str, Array] = {"hidden": x}
         if cache is not None:
-            out["cache"] = {"layers": new_layers, "index": index + t, "mask": kv_valid}
+            out["cache"] = {
+                "layers": new_layers,
+                "index": jnp.asarray(index + t, jnp.int32),
+                "mask": kv_valid,
+            }
         out.update(self._head(x, mask, embed, deterministic))
         return out
 
@@ -261,17 +267,20 @@ def count_params(cfg: ModelConfig) -> int:
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: str | None = None) -> dict:
     """An empty KV cache for ``batch`` sequences of up to ``length`` tokens.
 
-    Returns ``{"layers": [{"k": [B, S, K, H], "v": ...}] * L, "index": int32 scalar (next free
-    slot), "mask": int32 [B, S] (1 where a slot holds a real token)}``.
+    Returns ``{"layers": [{"k": [B, K, H, S], "v": [B, K, S, H]}] * L, "index": int32 scalar
+    (next free slot), "mask": int32 [B, S] (1 where a slot holds a real token)}``.
     """
     dt = dtype_of(dtype or cfg.dtype)
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    # Layouts chosen for the attention products (lm.layers.Attention).
+    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, length)
+    v_shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
     if cfg.scan_layers:  # one stacked cache, scanned along with the stacked parameters
-        stacked = (cfg.num_layers, *shape)
-        layers = {"k": jnp.zeros(stacked, dt), "v": jnp.zeros(stacked, dt)}
+        n = cfg.num_layers
+        layers = {"k": jnp.zeros((n, *k_shape), dt), "v": jnp.zeros((n, *v_shape), dt)}
     else:
         layers = [
-            {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.num_layers)
+            {"k": jnp.zeros(k_shape, dt), "v": jnp.zeros(v_shape, dt)}
+            for _ in range(cfg.num_layers)
         ]
     return {
         "layers": layers,

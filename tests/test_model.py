@@ -187,3 +187,42 @@ def test_fused_attention_form_equals_dense_mask():
         jax.nn.dot_product_attention(q, k, v, mask=mask),
         atol=1e-6,
     )
+
+
+def test_dot_attention_equals_jax_attention_values_and_gradients():
+    """lm's einsum attention (deferred normalization, grouped-query heads) against
+    jax.nn.dot_product_attention, with causal, padding and packing masks."""
+    from lm.layers import attention_mask, dot_attention
+
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(2, 7, 6, 8)), jnp.float32)  # 6 query heads
+    k, v = (jnp.asarray(rng.normal(size=(2, 7, 2, 8)), jnp.float32) for _ in range(2))  # 2 kv
+    # (k, v made [B, S, K, H] for jax; dot_attention reads k as [B, K, H, S], v as [B, K, S, H])
+    valid = jnp.asarray([[1] * 7, [1] * 5 + [0] * 2])
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2]] * 2)
+    masks = [
+        attention_mask(valid, True, jnp.arange(7)),
+        attention_mask(valid, False, jnp.arange(7)),
+        attention_mask(jnp.ones((2, 7)), True, jnp.arange(7), seg, seg),
+    ]
+    w = jnp.asarray(rng.normal(size=(2, 7, 6, 8)), jnp.float32)
+    for mask in masks:
+        rows = np.broadcast_to(np.asarray(mask), (2, 1, 7, 7))[:, 0].any(-1)  # sees a key
+        ours = dot_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
+        ref = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        np.testing.assert_allclose(np.asarray(ours)[rows], np.asarray(ref)[rows], atol=1e-5)
+
+        def loss(fn, q, k, v, mask=mask, rows=rows):
+            o = fn(q, k, v, mask)
+            return jnp.sum(jnp.where(jnp.asarray(rows)[:, :, None, None], o * w, 0.0))
+
+        def head_major(q, k, v, m):
+            return dot_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), m)
+
+        g_ours = jax.grad(lambda *a: loss(head_major, *a), argnums=(0, 1, 2))(q, k, v)
+        g_ref = jax.grad(
+            lambda *a: loss(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m), *a),
+            argnums=(0, 1, 2),
+        )(q, k, v)
+        for a, b in zip(g_ours, g_ref, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
