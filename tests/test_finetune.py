@@ -80,7 +80,9 @@ def losses(workdir):
 @pytest.mark.slow
 def test_tiny_run_learns_logs_and_resumes_bitwise(files, tmp_path, monkeypatch):
     train, dev = files
-    cfg = tiny_config(train, dev, tmp_path)
+    # lr 2e-2: at 1e-2 this random-init model is still on the loss plateau after 24 steps for
+    # some dropout streams; at 2e-2 the loss falls to ~0.1-0.2x for every seed tried.
+    cfg = tiny_config(train, dev, tmp_path, **{"optim.lr": 2e-2})
     full = str(tmp_path / "full")
     out = run(cfg, full)
     assert out["step"] == 24 and out["stopped"] == "finished"
