@@ -78,6 +78,9 @@ class ModelConfig:
     # Training/eval attention, passed to jax.nn.dot_product_attention: "xla" | "cudnn" | "auto".
     # Decoding through a KV cache always runs lm.layers.dot_attention.
     attention_impl: str = "xla"
+    # Few-row products (decoding): "xla" or "native" (lm.native's CPU kernel; no gradient).
+    # lm.decode picks "native" by itself where it is available; training leaves "xla".
+    matmul_impl: str = "xla"
     remat: str = "none"  # "none" | "full" | "dots": activation rematerialization per block
     scan_layers: bool = False  # nn.scan over layers: params stacked on a leading 'layers' axis
 
@@ -114,6 +117,8 @@ class ModelConfig:
             errors.append(f"dtype={self.dtype!r} is not float32, bfloat16 or float16")
         if self.param_dtype not in ("float32", "bfloat16", "float16"):
             errors.append(f"param_dtype={self.param_dtype!r} is not float32, bfloat16 or float16")
+        if self.matmul_impl not in ("xla", "native"):
+            errors.append(f"matmul_impl={self.matmul_impl!r} is not 'xla' or 'native'")
         if self.remat not in ("none", "full", "dots"):
             errors.append(f"remat={self.remat!r} is not none, full or dots")
         if errors:

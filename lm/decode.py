@@ -25,9 +25,12 @@ percent of a SmolLM2-135M step, and it keeps host callbacks (``jax.debug.callbac
 print but not stop the loop) out of the compiled program.
 
 Numerics and speed on CPU (see PERF-NOTES): every matmul accumulates in float32. The output
-projection is computed for the last position only (never [B, T, V] in the prefill). bfloat16
-matrix x vector products are ~12x slower than fp32 in XLA on these CPUs while batch >= 2 takes
-the fast AMX path, so bfloat16 decoding pads a batch of 1 to 2 rows.
+projection is computed for the last position only (never [B, T, V] in the prefill). On an
+AVX-512 CPU the products of at most a few rows (the decoding steps of small batches, and the
+tied LM head up to 16 rows) run in lm.native's kernel, which streams float32 or bfloat16
+weights at memory speed; XLA's bfloat16 matrix x vector product is ~10x slower than float32, so
+without the kernel bfloat16 decoding pads a batch of 1 to 2 rows. Parameters spread over
+several devices (tensor parallelism) always go through XLA.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm import native
 from lm.config import ModelConfig
 from lm.layers import dtype_of
 from lm.model import Transformer, init_cache
@@ -111,10 +115,21 @@ def _lm_head(cfg: ModelConfig, params: dict, h: Array) -> Array:
         w, contract = params["embed"]["embedding"], 1  # [V, D]
     else:
         w, contract = params["lm_head"]["kernel"], 0  # [D, V]
+    rows = native.HEAD_MAX_ROWS if contract == 1 else native.MAX_ROWS
+    if cfg.matmul_impl == "native" and h.shape[0] <= rows and w.dtype in native.DTYPES:
+        return native.small_matmul(h, w, transpose_w=contract == 1)
     return jax.lax.dot_general(
         h.astype(dt), w.astype(dt), (((1,), (contract,)), ((), ())),
         preferred_element_type=jnp.float32,
     )  # fmt: skip
+
+
+def matmul_impl(params) -> str:
+    """The few-row products' implementation: "native" (lm.native's kernel) when it is available
+    and the parameters sit on one device, else "xla" (e.g. tensor-parallel decoding)."""
+    leaves = jax.tree.leaves(params)
+    single = all(len(x.sharding.device_set) == 1 for x in leaves if hasattr(x, "sharding"))
+    return "native" if single and native.available() else "xla"
 
 
 def _trunk(cfg: ModelConfig, params: dict, tokens, mask, positions, cache):
@@ -326,6 +341,7 @@ def generate(
     """
     if not isinstance(strategy, Greedy | Sample):
         raise DecodeError(f"strategy must be Greedy() or Sample(...), got {strategy!r}")
+    cfg = cfg.replace(matmul_impl=matmul_impl(params))
     context = int(context or cfg.max_len)
     if cfg.positions == "learned" and context > cfg.max_len:
         raise DecodeError(f"context={context} exceeds the model's {cfg.max_len} learned positions")
@@ -357,9 +373,11 @@ def _generate_batch(
     on_tokens, chunk,
 ) -> list[Generation]:  # fmt: skip
     n = len(rows)
-    # Fixed batch shape per session (the last partial batch is padded with copies); bfloat16
-    # needs >= 2 rows for the fast matmul path (PERF-NOTES: bf16 matrix x vector is slow).
-    b = max(batch_size, 2 if cfg.dtype == "bfloat16" else 1)
+    # Fixed batch shape per session (the last partial batch is padded with copies). Without
+    # lm.native, bfloat16 needs >= 2 rows for XLA's faster matmul path (PERF-NOTES: its bf16
+    # matrix x vector product is ~10x slower).
+    slow_bf16 = cfg.dtype == "bfloat16" and cfg.matmul_impl != "native"
+    b = max(batch_size, 2 if slow_bf16 else 1)
     padded = rows + [rows[-1]] * (b - n)
     p = length_bucket(max(len(r) for r in padded))
     out_len = -(-max_new // 32) * 32

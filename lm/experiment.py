@@ -45,12 +45,15 @@ class ConfigError(ValueError):
 
 
 # ModelConfig fields the experiment may override, with their types (rope_scaling is a nested
-# tuple and stays out: set it through a checkpoint or a preset).
+# tuple and stays out: set it through a checkpoint or a preset; matmul_impl is decoding's
+# runtime choice, and its native kernel has no gradient).
 def _model_fields() -> dict[str, type]:
     out = {}
     hints = typing.get_type_hints(ModelConfig)
     for f in dataclasses.fields(ModelConfig):
         t = hints[f.name]
+        if f.name == "matmul_impl":
+            continue
         if t in (int, float, bool, str):
             out[f.name] = t
         elif typing.get_origin(t) is tuple and f.name != "rope_scaling":

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lm import native
 from lm.config import ModelConfig
 from lm.dropout import Dropout
 
@@ -32,17 +33,24 @@ def _kernel_init(std: float = 0.02):
     return nn.initializers.normal(stddev=std)
 
 
-def matmul(x: Array, w: Array, dtype) -> Array:
-    """x[..., I] @ w[I, O] with float32 accumulation, returned in ``dtype``."""
+def matmul(x: Array, w: Array, dtype, impl: str = "xla") -> Array:
+    """x[..., I] @ w[I, O] with float32 accumulation, returned in ``dtype``.
+
+    ``impl="native"`` (decoding on CPU, set by lm.decode) sends products of at most
+    ``lm.native.MAX_ROWS`` rows to lm.native's kernel, which streams float32 or bfloat16
+    weights without widening them through memory; it has no gradient.
+    """
     # As one 2-D [N, I] x [I, O] product: XLA:CPU differentiates a 3-D dot_general into
     # transposes plus dots about 2x slower than the 2-D ones (measured on the train step).
     lead = x.shape[:-1]
-    y = jax.lax.dot_general(
-        x.reshape(-1, x.shape[-1]).astype(dtype),
-        w.astype(dtype),
-        (((1,), (0,)), ((), ())),
-        preferred_element_type=jnp.float32,
-    )
+    x2 = x.reshape(-1, x.shape[-1])
+    if impl == "native" and x2.shape[0] <= native.MAX_ROWS and w.dtype in native.DTYPES:
+        y = native.small_matmul(x2, w)
+    else:
+        y = jax.lax.dot_general(
+            x2.astype(dtype), w.astype(dtype), (((1,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )  # fmt: skip
     return y.astype(dtype).reshape(*lead, w.shape[-1])
 
 
@@ -62,6 +70,7 @@ class Dense(nn.Module):
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
+    matmul_impl: str = "xla"  # see matmul
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -69,7 +78,7 @@ class Dense(nn.Module):
         kernel, bias = _dense_params(
             self, x.shape[-1], self.features, self.axes, self.use_bias, pdt
         )
-        y = matmul(x, kernel, dtype_of(self.dtype))
+        y = matmul(x, kernel, dtype_of(self.dtype), self.matmul_impl)
         if bias is not None:
             y = y + bias.astype(y.dtype)
         if self.lora_rank:
@@ -88,7 +97,8 @@ class Dense(nn.Module):
                 pdt,
             )
             h = Dropout(self.lora_dropout)(x, deterministic=deterministic)
-            lora = matmul(matmul(h, a, dtype_of(self.dtype)), b, dtype_of(self.dtype))
+            dt, impl = dtype_of(self.dtype), self.matmul_impl
+            lora = matmul(matmul(h, a, dt, impl), b, dt, impl)
             y = y + lora * (self.lora_alpha / self.lora_rank)
         return y
 
@@ -118,6 +128,7 @@ def dense(cfg: ModelConfig, features: int, axes, name: str, use_bias: bool) -> D
         lora,
         cfg.lora_alpha,
         cfg.lora_dropout,
+        cfg.matmul_impl,
         name=name,
     )
 

@@ -1,0 +1,246 @@
+// Small-batch matrix products for decoding on x86 CPUs with AVX-512, as an XLA FFI custom call.
+//
+//   out[M, N] = x[M, K] @ W          W: [K, N] ("nn") or [N, K] ("nt", the tied LM head)
+//
+// x and out are float32; W is float32 or bfloat16 (widened to float32 in registers, so a
+// bfloat16 model streams half the bytes). Why not XLA's dot: with M of 1 to 64 rows a decode
+// step is a matrix-vector product bound by reading the weights once, and XLA:CPU's kernels
+// stream them at 4-12 GB/s for 2-64 rows and widen bfloat16 weights through memory
+// (lm/native.py has the measurements). Here each weight is read once per call straight into
+// registers: a register tile of MR rows of x times 64 columns of W (nn) or 4 rows of W (nt)
+// accumulates over all of K, so for M <= 6 every weight is loaded exactly once.
+//
+// Threads: the columns are cut into chunks that the calling thread and XLA's intra-op pool
+// (ffi::ThreadPool) claim from an atomic counter. The caller only ever waits for chunks that
+// a running thread has claimed, so two such calls running at once on a 2-thread pool cannot
+// deadlock; a helper that starts after the work is gone returns at once.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+#include "xla/ffi/api/ffi.h"
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__)
+#error "small_matmul needs AVX-512 (F, BW, VL); lm falls back to XLA's dot without it"
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using bf16 = uint16_t;
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  // bfloat16 is the top half of a float32: widen to 32 bits and shift left by 16.
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const bf16* p, __mmask16 m) {
+  __m256i v = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// out[:, j0:j1] += x[:, k0:k0+KB] @ W[k0:k0+KB, j0:j1]: KB rows of W are read as KB
+// contiguous runs of (j1 - j0) columns, the access pattern the hardware prefetcher follows
+// (a panel of a few columns over all K rows jumps a page per row and starves it). The
+// accumulators are out's rows, which stay in L1/L2 ([M, j1 - j0] floats).
+template <typename T, int KB>
+void nn_rows(const float* x, const T* w, float* out, int64_t M, int64_t K, int64_t N,
+             int64_t k0, int64_t j0, int64_t j1) {
+  const T* wk = w + k0 * N;
+  for (int64_t j = j0; j < j1; j += 16) {
+    const int64_t rem = j1 - j;
+    const __mmask16 mask = static_cast<__mmask16>(rem >= 16 ? 0xFFFF : (1u << rem) - 1);
+    __m512 wv[KB];
+    _Pragma("GCC unroll 16") for (int i = 0; i < KB; ++i) wv[i] = load16(wk + i * N + j, mask);
+    for (int64_t m = 0; m < M; ++m) {
+      float* o = out + m * N + j;
+      const float* xm = x + m * K + k0;
+      __m512 acc = _mm512_maskz_loadu_ps(mask, o);
+      _Pragma("GCC unroll 16") for (int i = 0; i < KB; ++i) {
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(xm[i]), wv[i], acc);
+      }
+      _mm512_mask_storeu_ps(o, mask, acc);
+    }
+  }
+}
+
+// out[m0:m0+MR, n0:n0+NR] = x[m0:m0+MR, :] @ W[n0:n0+NR, :]^T (W rows are contiguous in K).
+template <typename T, int MR, int NR>
+void nt_tile(const float* x, const T* w, float* out, int64_t K, int64_t N, int64_t m0,
+             int64_t n0) {
+  __m512 acc[MR][NR];
+  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)
+    _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv[NR];
+    _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) wv[c] = load16(w + (n0 + c) * K + k);
+    _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {
+      __m512 xv = _mm512_loadu_ps(x + (m0 + r) * K + k);
+      _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+  if (k < K) {
+    __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
+    __m512 wv[NR];
+    _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) wv[c] = load16(w + (n0 + c) * K + k, m);
+    _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {
+      __m512 xv = _mm512_maskz_loadu_ps(m, x + (m0 + r) * K + k);
+      _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)
+    _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) out[(m0 + r) * N + n0 + c] = _mm512_reduce_add_ps(acc[r][c]);
+}
+
+// Row tiles of up to 6 (6 x 4 accumulators + 4 weight vectors + 1 broadcast <= 32 registers).
+constexpr int kMaxRows = 6;
+
+template <typename T, int NR>
+void nt_rows(const float* x, const T* w, float* out, int64_t M, int64_t K, int64_t N,
+             int64_t n0) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    switch (std::min<int64_t>(kMaxRows, M - m0)) {
+      case 1: nt_tile<T, 1, NR>(x, w, out, K, N, m0, n0); break;
+      case 2: nt_tile<T, 2, NR>(x, w, out, K, N, m0, n0); break;
+      case 3: nt_tile<T, 3, NR>(x, w, out, K, N, m0, n0); break;
+      case 4: nt_tile<T, 4, NR>(x, w, out, K, N, m0, n0); break;
+      case 5: nt_tile<T, 5, NR>(x, w, out, K, N, m0, n0); break;
+      default: nt_tile<T, 6, NR>(x, w, out, K, N, m0, n0); break;
+    }
+  }
+}
+
+// Runs fn(0..chunks-1) on the calling thread and the pool (see the header comment).
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t chunks = 0;
+  std::function<void(int64_t)> fn;
+  void drain() {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      fn(i);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+void parallel_for(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64_t)> fn) {
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < chunks; ++i) fn(i);
+    return;
+  }
+  auto work = std::make_shared<Work>();
+  work->chunks = chunks;
+  work->fn = std::move(fn);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work->drain(); });
+  work->drain();
+  while (work->done.load(std::memory_order_acquire) < chunks) _mm_pause();
+}
+
+// Rows [k0, k1) of W into out[M, N] (zeroed here).
+template <typename T>
+void nn_block(const float* x, const T* w, float* out, int64_t M, int64_t K, int64_t N,
+              int64_t k0, int64_t k1, int64_t j0, int64_t j1) {
+  for (int64_t m = 0; m < M; ++m) std::fill(out + m * N + j0, out + m * N + j1, 0.0f);
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8) nn_rows<T, 8>(x, w, out, M, K, N, k, j0, j1);
+  for (; k < k1; ++k) nn_rows<T, 1>(x, w, out, M, K, N, k, j0, j1);
+}
+
+template <typename T>
+void nn(ffi::ThreadPool& pool, const float* x, const T* w, float* out, int64_t M, int64_t K,
+        int64_t N) {
+  const int64_t threads = pool.num_threads() + 1;
+  if (N > 4096) {
+    // Wide W (an LM head): column chunks, each row run still >= 2048 columns long.
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(2 * threads, N / 2048));
+    const int64_t width = ((N + chunks - 1) / chunks + 15) / 16 * 16;
+    parallel_for(pool, (N + width - 1) / width, [=](int64_t c) {
+      const int64_t j0 = c * width;
+      nn_block<T>(x, w, out, M, K, N, 0, K, j0, std::min(N, j0 + width));
+    });
+    return;
+  }
+  // Row chunks: each thread streams one contiguous block of W into its own partial sums,
+  // added up at the end ([chunks, M, N] floats: small next to W for the M this serves).
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(2 * threads, K / 64));
+  const int64_t rows = ((K + chunks - 1) / chunks + 7) / 8 * 8;
+  const int64_t used = (K + rows - 1) / rows;
+  if (used == 1) {
+    nn_block<T>(x, w, out, M, K, N, 0, K, 0, N);
+    return;
+  }
+  std::unique_ptr<float[]> partial(new float[used * M * N]);
+  float* buf = partial.get();
+  parallel_for(pool, used, [=](int64_t c) {
+    nn_block<T>(x, w, buf + c * M * N, M, K, N, c * rows, std::min(K, (c + 1) * rows), 0, N);
+  });
+  const int64_t size = M * N;
+  std::copy(buf, buf + size, out);
+  for (int64_t c = 1; c < used; ++c) {
+    const float* p = buf + c * size;
+    for (int64_t i = 0; i < size; ++i) out[i] += p[i];
+  }
+}
+
+template <typename T>
+void nt(ffi::ThreadPool& pool, const float* x, const T* w, float* out, int64_t M, int64_t K,
+        int64_t N) {
+  constexpr int64_t kRowsPerChunk = 64;
+  const int64_t chunks = (N + kRowsPerChunk - 1) / kRowsPerChunk;
+  parallel_for(pool, chunks, [=](int64_t c) {
+    const int64_t end = std::min(N, (c + 1) * kRowsPerChunk);
+    int64_t n0 = c * kRowsPerChunk;
+    for (; n0 + 4 <= end; n0 += 4) nt_rows<T, 4>(x, w, out, M, K, N, n0);
+    for (; n0 < end; ++n0) nt_rows<T, 1>(x, w, out, M, K, N, n0);
+  });
+}
+
+ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                           ffi::Result<ffi::AnyBuffer> out, bool transpose_w) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2) {
+    return ffi::Error::InvalidArgument("small_matmul: x and w must be 2-D");
+  }
+  if (x.element_type() != ffi::F32 || out->element_type() != ffi::F32) {
+    return ffi::Error::InvalidArgument("small_matmul: x and out must be float32");
+  }
+  const int64_t M = xd[0], K = xd[1];
+  const int64_t N = transpose_w ? wd[0] : wd[1];
+  if ((transpose_w ? wd[1] : wd[0]) != K) {
+    return ffi::Error::InvalidArgument("small_matmul: contracting dimensions differ");
+  }
+  const float* xp = static_cast<const float*>(x.untyped_data());
+  float* op = static_cast<float*>(out->untyped_data());
+  if (w.element_type() == ffi::F32) {
+    const float* wp = static_cast<const float*>(w.untyped_data());
+    transpose_w ? nt<float>(pool, xp, wp, op, M, K, N) : nn<float>(pool, xp, wp, op, M, K, N);
+  } else if (w.element_type() == ffi::BF16) {
+    const bf16* wp = static_cast<const bf16*>(w.untyped_data());
+    transpose_w ? nt<bf16>(pool, xp, wp, op, M, K, N) : nn<bf16>(pool, xp, wp, op, M, K, N);
+  } else {
+    return ffi::Error::InvalidArgument("small_matmul: w must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmSmallMatmul, SmallMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<bool>("transpose_w"));
