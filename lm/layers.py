@@ -225,13 +225,18 @@ def rope_inv_freq(cfg: ModelConfig) -> Array:
 
 
 def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
-    """Rotate x [B, T, N, H] by positions [B, T], HF's rotate-half layout (not interleaved)."""
+    """Rotate x [B, T, N, H] by positions [B, T], HF's rotate-half layout (not interleaved):
+    x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] = roll(x, H/2) * [-1, 1]."""
+    half = x.shape[-1] // 2
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    cos = jnp.cos(freqs)[:, :, None, :]
-    sin = jnp.sin(freqs)[:, :, None, :]
+    freqs = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, H]
+    # The barrier keeps cos/sin as [B, T, H] tables: fused into their consumer, XLA:CPU
+    # evaluated them once per element of x, i.e. N times over. This form (no split/concatenate
+    # of x) took 1.0 ms against 1.7 ms for q of a 512-token SmolLM2 prefill.
+    cos, sin = jax.lax.optimization_barrier((jnp.cos(freqs), jnp.sin(freqs)))
+    sign = jnp.concatenate([-jnp.ones((half,), jnp.float32), jnp.ones((half,), jnp.float32)])
     x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    out = x32 * cos[:, :, None, :] + jnp.roll(x32, half, axis=-1) * (sin * sign)[:, :, None, :]
     return out.astype(x.dtype)
 
 
@@ -291,10 +296,10 @@ class Attention(nn.Module):
         if isinstance(index, int) and index == 0:
             # Prefill of an empty cache (index is the Python int 0, see Transformer): the only
             # visible keys are the T new ones, so attend to them, not to all S slots.
-            mask = mask[..., : q.shape[1]]
+            out = prefill_attention(q, kk, v, mask[..., : q.shape[1]], self.cfg.causal)
         else:
-            kk, v = ck.astype(q.dtype), cv.astype(q.dtype)
-        return dot_attention(q, kk, v, mask), {"k": ck, "v": cv}
+            out = dot_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
+        return out, {"k": ck, "v": cv}
 
     def _attention_with_dropout(self, q, k, v, mask):
         # Explicit softmax so attention probabilities can be dropped (BERT fine-tuning recipe);
@@ -344,6 +349,32 @@ def dot_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     o = jnp.einsum("bkqs,bksh->bkqh", p, v, preferred_element_type=jnp.float32)
     o = o.reshape(b, kh, g, t, h) / denom
     return o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
+PREFILL_BLOCK = 128  # query rows per block of a long causal prefill
+
+
+def prefill_attention(q: Array, k: Array, v: Array, mask: Array, causal: bool) -> Array:
+    """Attention of T new tokens to themselves (layouts as dot_attention, S == T).
+
+    A long causal prompt is cut into blocks of PREFILL_BLOCK queries, block i attending to
+    keys [0, (i + 1) * PREFILL_BLOCK) only: the keys after a block's last query are masked for
+    all of its rows anyway, so this skips the upper triangle (about half the scores) and keeps
+    each block's scores in cache. Measured on a 512-token SmolLM2 prompt (2-core CPU): 3.2 ms a
+    layer against 7.9 ms for one [512, 512] product. Identical on every row that sees at least
+    one key; a padding row that sees none averages its block's values instead of all of them
+    (such rows are never read).
+    """
+    t = q.shape[1]
+    if not causal or t < 2 * PREFILL_BLOCK or t % PREFILL_BLOCK:
+        return dot_attention(q, k, v, mask)
+    outs = []
+    for start in range(0, t, PREFILL_BLOCK):
+        end = start + PREFILL_BLOCK
+        outs.append(
+            dot_attention(q[:, start:end], k[..., :end], v[:, :, :end], mask[:, :, start:end, :end])
+        )
+    return jnp.concatenate(outs, axis=1)
 
 
 def fused_attention(q: Array, k: Array, v: Array, mask: Array, causal: bool, impl: str) -> Array:
