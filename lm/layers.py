@@ -116,6 +116,31 @@ def _dense_params(module: nn.Module, fan_in: int, features: int, axes, use_bias:
     return kernel, bias
 
 
+def native_projections(
+    module: nn.Module, cfg: ModelConfig, x: Array, names: tuple[str, ...], use_bias: bool
+) -> list[Array] | None:
+    """x @ W for the Dense children ``names`` of ``module`` in one lm.native call (decoding:
+    q/k/v, or gate/up, read in one pass over their weights), or None where that does not apply:
+    XLA matmuls, more than native.MAX_ROWS rows, LoRA on one of them, or initialization."""
+    if cfg.matmul_impl != "native" or module.is_initializing():
+        return None
+    if cfg.lora_rank and set(names) & set(cfg.lora_targets):
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    params = module.variables["params"]
+    ws = [params[n]["kernel"] for n in names]
+    if x2.shape[0] > native.MAX_ROWS or any(w.dtype not in native.DTYPES for w in ws):
+        return None
+    dt = dtype_of(cfg.dtype)
+    out = []
+    for n, y in zip(names, native.small_matmuls(x2, ws)):
+        y = y.astype(dt)  # as Dense: the product in dtype, then the bias
+        if use_bias:
+            y = y + params[n]["bias"].astype(dt)
+        out.append(y.reshape(*x.shape[:-1], y.shape[-1]))
+    return out
+
+
 def dense(cfg: ModelConfig, features: int, axes, name: str, use_bias: bool) -> Dense:
     """A Dense inside a block, with LoRA when ``name`` is one of ``cfg.lora_targets``."""
     lora = cfg.lora_rank if name in cfg.lora_targets else 0
@@ -262,9 +287,13 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = dense(cfg, n * h, ("embed", "heads"), "q", cfg.qkv_bias)(x, deterministic)
-        kk = dense(cfg, k * h, ("embed", "kv"), "k", cfg.qkv_bias)(x, deterministic)
-        v = dense(cfg, k * h, ("embed", "kv"), "v", cfg.qkv_bias)(x, deterministic)
+        fused = native_projections(self, cfg, x, ("q", "k", "v"), cfg.qkv_bias)
+        if fused:
+            q, kk, v = fused
+        else:
+            q = dense(cfg, n * h, ("embed", "heads"), "q", cfg.qkv_bias)(x, deterministic)
+            kk = dense(cfg, k * h, ("embed", "kv"), "k", cfg.qkv_bias)(x, deterministic)
+            v = dense(cfg, k * h, ("embed", "kv"), "v", cfg.qkv_bias)(x, deterministic)
         q, kk, v = q.reshape(b, t, n, h), kk.reshape(b, t, k, h), v.reshape(b, t, k, h)
         if cfg.positions == "rope":
             inv_freq = rope_inv_freq(cfg)
@@ -432,12 +461,21 @@ class MLP(nn.Module):
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
         cfg = self.cfg
         act = activation(cfg.activation)
-        up = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "up", cfg.mlp_bias)(x, deterministic)
-        if cfg.mlp == "gated":
-            gate = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "gate", cfg.mlp_bias)(x, deterministic)
+        fused = cfg.mlp == "gated" and native_projections(
+            self, cfg, x, ("gate", "up"), cfg.mlp_bias
+        )
+        if fused:
+            gate, up = fused
             h = act(gate) * up
         else:
-            h = act(up)
+            up = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "up", cfg.mlp_bias)(x, deterministic)
+            if cfg.mlp == "gated":
+                gate = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "gate", cfg.mlp_bias)(
+                    x, deterministic
+                )
+                h = act(gate) * up
+            else:
+                h = act(up)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         return dense(cfg, cfg.d_model, ("mlp", "embed"), "down", cfg.mlp_bias)(h, deterministic)
 

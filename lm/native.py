@@ -126,13 +126,25 @@ def small_matmul(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.A
 
     x is cast to float32; w must be float32 or bfloat16. Call only when ``available()``.
     """
-    if x.ndim != 2 or w.ndim != 2:
-        raise ValueError(f"small_matmul takes 2-D operands, got {x.shape} and {w.shape}")
-    k = w.shape[1] if transpose_w else w.shape[0]
-    if x.shape[1] != k:
-        raise ValueError(f"small_matmul: x {x.shape} and w {w.shape} do not contract")
-    if w.dtype not in DTYPES:
-        raise ValueError(f"small_matmul: w must be float32 or bfloat16, got {w.dtype}")
-    n = w.shape[0] if transpose_w else w.shape[1]
-    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), w, transpose_w=transpose_w)
+    [y] = _call(x, [w], transpose_w)
+    return y
+
+
+def small_matmuls(x: jax.Array, ws: list[jax.Array]) -> list[jax.Array]:
+    """[x @ w for w in ws] in one call (q/k/v or gate/up: one thread handoff, not three)."""
+    return _call(x, list(ws), False)
+
+
+def _call(x: jax.Array, ws: list[jax.Array], transpose_w: bool) -> list[jax.Array]:
+    outs = []
+    for w in ws:
+        if x.ndim != 2 or w.ndim != 2:
+            raise ValueError(f"small_matmul takes 2-D operands, got {x.shape} and {w.shape}")
+        if x.shape[1] != (w.shape[1] if transpose_w else w.shape[0]):
+            raise ValueError(f"small_matmul: x {x.shape} and w {w.shape} do not contract")
+        if w.dtype not in DTYPES:
+            raise ValueError(f"small_matmul: w must be float32 or bfloat16, got {w.dtype}")
+        n = w.shape[0] if transpose_w else w.shape[1]
+        outs.append(jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
+    call = jax.ffi.ffi_call(TARGET, outs)
+    return list(call(x.astype(jnp.float32), *ws, transpose_w=transpose_w))

@@ -1,6 +1,7 @@
 // Small-batch matrix products for decoding on x86 CPUs with AVX-512, as an XLA FFI custom call.
 //
 //   out[M, N] = x[M, K] @ W          W: [K, N] ("nn") or [N, K] ("nt", the tied LM head)
+//   out_i = x @ W_i                  several nn weights sharing x (q/k/v, gate/up), one call
 //
 // x and out are float32; W is float32 or bfloat16 (widened to float32 in registers, so a
 // bfloat16 model streams half the bytes). Why not XLA's dot: with M of 1 to 64 rows a decode
@@ -22,6 +23,8 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <utility>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -157,39 +160,76 @@ void nn_block(const float* x, const T* w, float* out, int64_t M, int64_t K, int6
   for (; k < k1; ++k) nn_rows<T, 1>(x, w, out, M, K, N, k, j0, j1);
 }
 
+// One weight of an nn call and how its work is cut into chunks.
+struct NnPlan {
+  const void* w;
+  bool bf16;
+  int64_t N;
+  float* out;
+  bool by_columns;  // wide W (an LM head): column chunks written straight into out
+  int64_t step;     // columns (by_columns) or rows of W per chunk
+  int64_t chunks;
+  float* partial;   // row chunks: [chunks, M, N] partial sums (null when chunks == 1)
+};
+
 template <typename T>
-void nn(ffi::ThreadPool& pool, const float* x, const T* w, float* out, int64_t M, int64_t K,
-        int64_t N) {
+void nn_chunk(const NnPlan& p, const float* x, int64_t M, int64_t K, int64_t c) {
+  const T* w = static_cast<const T*>(p.w);
+  if (p.by_columns) {
+    const int64_t j0 = c * p.step;
+    nn_block<T>(x, w, p.out, M, K, p.N, 0, K, j0, std::min(p.N, j0 + p.step));
+  } else {
+    float* dst = p.partial ? p.partial + c * M * p.N : p.out;
+    nn_block<T>(x, w, dst, M, K, p.N, c * p.step, std::min(K, (c + 1) * p.step), 0, p.N);
+  }
+}
+
+// out_i = x @ W_i for weights sharing x (q/k/v, gate/up): one call, one pool of chunks, so the
+// small matrices ride along with the large ones instead of each paying for a thread handoff.
+void nn_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
+             std::vector<NnPlan>& plans) {
   const int64_t threads = pool.num_threads() + 1;
-  if (N > 4096) {
-    // Wide W (an LM head): column chunks, each row run still >= 2048 columns long.
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(2 * threads, N / 2048));
-    const int64_t width = ((N + chunks - 1) / chunks + 15) / 16 * 16;
-    parallel_for(pool, (N + width - 1) / width, [=](int64_t c) {
-      const int64_t j0 = c * width;
-      nn_block<T>(x, w, out, M, K, N, 0, K, j0, std::min(N, j0 + width));
-    });
-    return;
+  int64_t buffered = 0;
+  for (NnPlan& p : plans) {
+    p.by_columns = p.N > 4096;
+    if (p.by_columns) {
+      const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(2 * threads, p.N / 2048));
+      p.step = ((p.N + chunks - 1) / chunks + 15) / 16 * 16;
+      p.chunks = (p.N + p.step - 1) / p.step;
+    } else {
+      // Row chunks: each streams one contiguous block of W into its own partial sums.
+      const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(2 * threads, K / 64));
+      p.step = ((K + chunks - 1) / chunks + 7) / 8 * 8;
+      p.chunks = (K + p.step - 1) / p.step;
+      if (p.chunks > 1) buffered += p.chunks * M * p.N;
+    }
   }
-  // Row chunks: each thread streams one contiguous block of W into its own partial sums,
-  // added up at the end ([chunks, M, N] floats: small next to W for the M this serves).
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(2 * threads, K / 64));
-  const int64_t rows = ((K + chunks - 1) / chunks + 7) / 8 * 8;
-  const int64_t used = (K + rows - 1) / rows;
-  if (used == 1) {
-    nn_block<T>(x, w, out, M, K, N, 0, K, 0, N);
-    return;
+  std::unique_ptr<float[]> partial(buffered ? new float[buffered] : nullptr);
+  std::vector<std::pair<int, int64_t>> tasks;  // (plan, chunk)
+  float* next = partial.get();
+  for (size_t i = 0; i < plans.size(); ++i) {
+    NnPlan& p = plans[i];
+    p.partial = nullptr;
+    if (!p.by_columns && p.chunks > 1) {
+      p.partial = next;
+      next += p.chunks * M * p.N;
+    }
+    for (int64_t c = 0; c < p.chunks; ++c) tasks.emplace_back(static_cast<int>(i), c);
   }
-  std::unique_ptr<float[]> partial(new float[used * M * N]);
-  float* buf = partial.get();
-  parallel_for(pool, used, [=](int64_t c) {
-    nn_block<T>(x, w, buf + c * M * N, M, K, N, c * rows, std::min(K, (c + 1) * rows), 0, N);
+  const NnPlan* ps = plans.data();
+  const std::pair<int, int64_t>* ts = tasks.data();
+  parallel_for(pool, static_cast<int64_t>(tasks.size()), [=](int64_t t) {
+    const NnPlan& p = ps[ts[t].first];
+    p.bf16 ? nn_chunk<bf16>(p, x, M, K, ts[t].second) : nn_chunk<float>(p, x, M, K, ts[t].second);
   });
-  const int64_t size = M * N;
-  std::copy(buf, buf + size, out);
-  for (int64_t c = 1; c < used; ++c) {
-    const float* p = buf + c * size;
-    for (int64_t i = 0; i < size; ++i) out[i] += p[i];
+  for (const NnPlan& p : plans) {
+    if (!p.partial) continue;
+    const int64_t size = M * p.N;
+    std::copy(p.partial, p.partial + size, p.out);
+    for (int64_t c = 1; c < p.chunks; ++c) {
+      const float* src = p.partial + c * size;
+      for (int64_t i = 0; i < size; ++i) p.out[i] += src[i];
+    }
   }
 }
 
@@ -206,32 +246,44 @@ void nt(ffi::ThreadPool& pool, const float* x, const T* w, float* out, int64_t M
   });
 }
 
-ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                           ffi::Result<ffi::AnyBuffer> out, bool transpose_w) {
+ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArgs ws,
+                           ffi::RemainingRets outs, bool transpose_w) {
   auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2) {
-    return ffi::Error::InvalidArgument("small_matmul: x and w must be 2-D");
+  if (xd.size() != 2 || x.element_type() != ffi::F32) {
+    return ffi::Error::InvalidArgument("small_matmul: x must be 2-D float32");
   }
-  if (x.element_type() != ffi::F32 || out->element_type() != ffi::F32) {
-    return ffi::Error::InvalidArgument("small_matmul: x and out must be float32");
+  if (ws.size() == 0 || ws.size() != outs.size() || (transpose_w && ws.size() != 1)) {
+    return ffi::Error::InvalidArgument("small_matmul: one output per weight (one weight for nt)");
   }
   const int64_t M = xd[0], K = xd[1];
-  const int64_t N = transpose_w ? wd[0] : wd[1];
-  if ((transpose_w ? wd[1] : wd[0]) != K) {
-    return ffi::Error::InvalidArgument("small_matmul: contracting dimensions differ");
-  }
   const float* xp = static_cast<const float*>(x.untyped_data());
-  float* op = static_cast<float*>(out->untyped_data());
-  if (w.element_type() == ffi::F32) {
-    const float* wp = static_cast<const float*>(w.untyped_data());
-    transpose_w ? nt<float>(pool, xp, wp, op, M, K, N) : nn<float>(pool, xp, wp, op, M, K, N);
-  } else if (w.element_type() == ffi::BF16) {
-    const bf16* wp = static_cast<const bf16*>(w.untyped_data());
-    transpose_w ? nt<bf16>(pool, xp, wp, op, M, K, N) : nn<bf16>(pool, xp, wp, op, M, K, N);
-  } else {
-    return ffi::Error::InvalidArgument("small_matmul: w must be float32 or bfloat16");
+  std::vector<NnPlan> plans;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    auto w = ws.get<ffi::AnyBuffer>(i);
+    auto out = outs.get<ffi::AnyBuffer>(i);
+    if (w.has_error()) return w.error();
+    if (out.has_error()) return out.error();
+    auto wd = w->dimensions();
+    if (wd.size() != 2 || (transpose_w ? wd[1] : wd[0]) != K) {
+      return ffi::Error::InvalidArgument("small_matmul: w must be 2-D and contract with x");
+    }
+    const bool bf = w->element_type() == ffi::BF16;
+    if (!bf && w->element_type() != ffi::F32) {
+      return ffi::Error::InvalidArgument("small_matmul: w must be float32 or bfloat16");
+    }
+    if ((*out)->element_type() != ffi::F32) {
+      return ffi::Error::InvalidArgument("small_matmul: outputs must be float32");
+    }
+    const int64_t N = transpose_w ? wd[0] : wd[1];
+    float* op = static_cast<float*>((*out)->untyped_data());
+    if (transpose_w) {
+      bf ? nt<bf16>(pool, xp, static_cast<const bf16*>(w->untyped_data()), op, M, K, N)
+         : nt<float>(pool, xp, static_cast<const float*>(w->untyped_data()), op, M, K, N);
+      return ffi::Error::Success();
+    }
+    plans.push_back(NnPlan{w->untyped_data(), bf, N, op, false, 0, 0, nullptr});
   }
+  nn_many(pool, xp, M, K, plans);
   return ffi::Error::Success();
 }
 
@@ -241,6 +293,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmSmallMatmul, SmallMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
                                   .Attr<bool>("transpose_w"));
