@@ -75,11 +75,20 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
         pdt = dtype_of(self.param_dtype)
-        kernel, bias = _dense_params(
-            self, x.shape[-1], self.features, self.axes, self.use_bias, pdt
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(_kernel_init(), self.axes),
+            (x.shape[-1], self.features),
+            pdt,
         )
         y = matmul(x, kernel, dtype_of(self.dtype), self.matmul_impl)
-        if bias is not None:
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                (self.features,),
+                pdt,
+            )
             y = y + bias.astype(y.dtype)
         if self.lora_rank:
             a = self.param(
@@ -101,19 +110,6 @@ class Dense(nn.Module):
             lora = matmul(matmul(h, a, dt, impl), b, dt, impl)
             y = y + lora * (self.lora_alpha / self.lora_rank)
         return y
-
-
-def _dense_params(module: nn.Module, fan_in: int, features: int, axes, use_bias: bool, pdt):
-    """A Dense layer's ``kernel`` [fan_in, features] and ``bias`` [features] (or None)."""
-    kernel = module.param(
-        "kernel", nn.with_logical_partitioning(_kernel_init(), axes), (fan_in, features), pdt
-    )
-    bias = None
-    if use_bias:
-        bias = module.param(
-            "bias", nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]), (features,), pdt
-        )
-    return kernel, bias
 
 
 def native_projections(

@@ -222,15 +222,23 @@ void nn_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
     const NnPlan& p = ps[ts[t].first];
     p.bf16 ? nn_chunk<bf16>(p, x, M, K, ts[t].second) : nn_chunk<float>(p, x, M, K, ts[t].second);
   });
-  for (const NnPlan& p : plans) {
-    if (!p.partial) continue;
-    const int64_t size = M * p.N;
-    std::copy(p.partial, p.partial + size, p.out);
+  // Add up the partial sums, in slices of out shared between the threads as well.
+  std::vector<std::pair<int, int64_t>> sums;  // (plan, slice of 4096 floats)
+  constexpr int64_t kSlice = 4096;
+  for (size_t i = 0; i < plans.size(); ++i) {
+    if (!plans[i].partial) continue;
+    for (int64_t o = 0; o < M * plans[i].N; o += kSlice) sums.emplace_back(static_cast<int>(i), o);
+  }
+  const std::pair<int, int64_t>* ss = sums.data();
+  parallel_for(pool, static_cast<int64_t>(sums.size()), [=](int64_t t) {
+    const NnPlan& p = ps[ss[t].first];
+    const int64_t size = M * p.N, lo = ss[t].second, hi = std::min(size, lo + kSlice);
+    std::copy(p.partial + lo, p.partial + hi, p.out + lo);
     for (int64_t c = 1; c < p.chunks; ++c) {
       const float* src = p.partial + c * size;
-      for (int64_t i = 0; i < size; ++i) p.out[i] += src[i];
+      for (int64_t i = lo; i < hi; ++i) p.out[i] += src[i];
     }
-  }
+  });
 }
 
 template <typename T>
