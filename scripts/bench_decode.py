@@ -11,7 +11,9 @@ Cases (SmolLM2-135M-Instruct, greedy, ``--new_tokens`` new tokens, no early stop
     prefill   one 512-token prompt: the forward pass that fills the cache, float32 and bfloat16
               (target <= 0.8x torch's time)
 
-Throughput counts generated tokens over the whole call (prefill included), as a user sees it.
+lm decodes through lm.native's AVX-512 kernel where it is available (``LM_NATIVE=0 python
+scripts/bench_decode.py`` measures XLA's dot alone). Throughput counts generated tokens over the
+whole call (prefill included), as a user sees it.
 Compile time is reported separately (first call of each bucket). Both sides use 2 threads;
 torch runs transformers' own ``generate`` (sdpa attention, its dynamic KV cache) and, for the
 prefill, one forward with ``logits_to_keep=1`` (what generate's prefill computes).

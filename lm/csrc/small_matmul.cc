@@ -8,8 +8,9 @@
 // step is a matrix-vector product bound by reading the weights once, and XLA:CPU's kernels
 // stream them at 4-12 GB/s for 2-64 rows and widen bfloat16 weights through memory
 // (lm/native.py has the measurements). Here each weight is read once per call straight into
-// registers: a register tile of MR rows of x times 64 columns of W (nn) or 4 rows of W (nt)
-// accumulates over all of K, so for M <= 6 every weight is loaded exactly once.
+// registers: nn streams W in blocks of whole rows (8 rows at a time, each one contiguous run:
+// the pattern the hardware prefetcher follows) into partial sums per block; nt reads each row
+// of W once against up to 6 rows of x.
 //
 // Threads: the columns are cut into chunks that the calling thread and XLA's intra-op pool
 // (ffi::ThreadPool) claim from an atomic counter. The caller only ever waits for chunks that
