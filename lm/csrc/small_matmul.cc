@@ -12,10 +12,11 @@
 // the pattern the hardware prefetcher follows) into partial sums per block; nt reads each row
 // of W once against up to 6 rows of x.
 //
-// Threads: the columns are cut into chunks that the calling thread and XLA's intra-op pool
-// (ffi::ThreadPool) claim from an atomic counter. The caller only ever waits for chunks that
-// a running thread has claimed, so two such calls running at once on a 2-thread pool cannot
-// deadlock; a helper that starts after the work is gone returns at once.
+// Threads: W is cut into chunks (blocks of rows; of columns for a wide LM head) that the
+// calling thread and helpers from XLA's intra-op pool (ffi::ThreadPool) claim from an atomic
+// counter. The caller only ever waits for chunks that a running thread has claimed, so calls
+// running at once cannot deadlock; a helper that arrives after the work is gone lingers for
+// the next call (see Linger) or returns its thread to the pool.
 
 #include <immintrin.h>
 
