@@ -77,7 +77,7 @@ class Transformer(nn.Module):
         token_types: int [B, T] (BERT sentence A/B; default zeros).
         segment_ids: int [B, T] packed-example ids; attention stays inside a segment.
         cache: from ``init_cache``; the T tokens are written at slot ``cache["index"]``. An
-            ``index`` that is the Python int 0 (``empty_cache``) says statically that the
+            ``index`` that is the Python int 0 (as lm.decode's prefill sets it) says statically that the
             cache is empty: attention then reads the T new keys only (a prefill).
         deterministic: False enables dropout (needs a "dropout" rng).
 
