@@ -75,8 +75,9 @@ class ModelConfig:
     # Numerics and performance.
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of parameters
-    # Training/eval attention, passed to jax.nn.dot_product_attention: "xla" | "cudnn" | "auto".
-    # Decoding through a KV cache always runs lm.layers.dot_attention.
+    # Training/eval attention: "xla" runs lm.layers.dot_attention (plain XLA ops; also what
+    # decoding through a KV cache runs), "cudnn" flash attention, "auto" lets
+    # jax.nn.dot_product_attention choose.
     attention_impl: str = "xla"
     # Few-row products (decoding): "xla" or "native" (lm.native's CPU kernel; no gradient).
     # lm.decode picks "native" by itself where it is available; training leaves "xla".

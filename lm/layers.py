@@ -303,6 +303,11 @@ class Attention(nn.Module):
             impl = _impl(cfg)
             if impl == "cudnn":
                 out = fused_attention(q, kk, v, mask, cfg.causal, impl)
+            elif impl == "xla":
+                # Not jax.nn.dot_product_attention's XLA path: its softmax divides the [T, S]
+                # probabilities and reduces them again in the backward pass. Shakespeare's
+                # train step (4 layers, T = 64): 76.6 against 79.4 ms, medians of 5 rounds.
+                out = dot_attention(q, kk.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
             else:
                 out = jax.nn.dot_product_attention(q, kk, v, mask=mask, implementation=impl)
         out = out.reshape(b, t, n * h)

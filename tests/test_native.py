@@ -25,13 +25,18 @@ def test_available_on_this_machine():
     assert native.available()
 
 
+# (rows, K, N). From 5 rows nn runs in tiles of 8 rows x 48 columns over 32 rows of W: the
+# shapes cover ragged row tiles, column tiles and row passes.
+SHAPES = [
+    (1, 576, 1536), (2, 1536, 576), (3, 100, 77), (5, 8, 5000), (7, 1000, 9),
+    (16, 64, 4100), (8, 576, 576), (13, 200, 100), (16, 1536, 576), (9, 33, 47),
+]  # fmt: skip
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("transpose_w", [False, True])
-@pytest.mark.parametrize(
-    "m,k,n",
-    [(1, 576, 1536), (2, 1536, 576), (3, 100, 77), (5, 8, 5000), (7, 1000, 9), (16, 64, 4100)],
-)
+@pytest.mark.parametrize("m,k,n", SHAPES)
 def test_small_matmul_equals_xla_dot(m, k, n, transpose_w, dtype):
     rng = np.random.default_rng(m * 1000 + n)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
@@ -55,8 +60,8 @@ def test_small_matmul_rejects_bad_operands():
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decoding_through_the_kernel_equals_xla(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype,rows", [("float32", 1), ("bfloat16", 1), ("float32", 12)])
+def test_decoding_through_the_kernel_equals_xla(dtype, rows, monkeypatch):
     from test_decode import random_model
 
     from lm import decode
@@ -65,10 +70,11 @@ def test_decoding_through_the_kernel_equals_xla(dtype, monkeypatch):
     cfg, params = decode.prepare(cfg, params, dtype)
     prompts = [[5, 7, 9, 11], [3, 6, 9, 12, 15, 18, 21]]
     assert decode.matmul_impl(params) == "native"
-    native_logits = _step_logits(decode, cfg.replace(matmul_impl="native"), params)
-    xla_logits = _step_logits(decode, cfg.replace(matmul_impl="xla"), params)
+    native_logits = _step_logits(decode, cfg.replace(matmul_impl="native"), params, rows)
+    xla_logits = _step_logits(decode, cfg.replace(matmul_impl="xla"), params, rows)
     tol = 1e-5 if dtype == "float32" else 2e-2
     np.testing.assert_allclose(native_logits, xla_logits, atol=tol, rtol=tol)
+    prompts = (prompts * rows)[: max(rows, 2)]
     got = [g.token_ids for g in decode.generate(cfg, params, prompts, 12)]
     monkeypatch.setattr(decode, "matmul_impl", lambda params: "xla")
     decode._COMPILED.clear()
@@ -78,19 +84,21 @@ def test_decoding_through_the_kernel_equals_xla(dtype, monkeypatch):
         assert got == want
 
 
-def _step_logits(decode, cfg, params):
-    """Logits of one cached decoding step (1 row: the kernel's path) for a fixed prompt."""
+def _step_logits(decode, cfg, params, rows):
+    """Logits of one cached decoding step of ``rows`` rows (1 to 4: the kernel's row-block
+    path; 5 to 16: its register tiles) after a prompt of 4 tokens, different in each row."""
     from lm.model import init_cache
 
-    tokens = jnp.asarray([[5, 7, 9, 11]], jnp.int32)
+    tokens = (jnp.asarray([[5, 7, 9, 11]], jnp.int32) + jnp.arange(rows)[:, None]) % cfg.vocab_size
     mask = jnp.ones_like(tokens)
-    positions = jnp.arange(4, dtype=jnp.int32)[None]
-    cache = init_cache(cfg, 1, 16)
+    positions = jnp.broadcast_to(jnp.arange(4, dtype=jnp.int32), (rows, 4))
+    cache = init_cache(cfg, rows, 16)
     cache["index"] = 0
     _, cache = decode._trunk(cfg, params, tokens, mask, positions, cache)
     h, _ = jax.jit(decode._trunk, static_argnums=0)(
-        cfg, params, jnp.asarray([[13]]), jnp.ones((1, 1), jnp.int32), jnp.asarray([[4]]), cache
-    )
+        cfg, params, (13 + jnp.arange(rows)[:, None]) % cfg.vocab_size,
+        jnp.ones((rows, 1), jnp.int32), jnp.full((rows, 1), 4), cache,
+    )  # fmt: skip
     return np.asarray(jax.jit(decode._lm_head, static_argnums=0)(cfg, params, h[:, 0]))
 
 
