@@ -327,9 +327,23 @@ class Attention(nn.Module):
             # Prefill of an empty cache (index is the Python int 0, see Transformer): the only
             # visible keys are the T new ones, so attend to them, not to all S slots.
             out = prefill_attention(q, kk, v, mask[..., : q.shape[1]], self.cfg.causal)
+        elif self._native_step(q, ck, mask):
+            # One token per row (a decoding step): lm.native's kernel reads each row's keys and
+            # values once instead of XLA's B * KV tiny products and five softmax ops.
+            out = native.decode_attention(q[:, 0], ck, cv, mask[:, 0, 0])[:, None]
+            out = out.astype(q.dtype)
         else:
             out = dot_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
         return out, {"k": ck, "v": cv}
+
+    def _native_step(self, q, ck, mask) -> bool:
+        return (
+            self.cfg.matmul_impl == "native"
+            and q.shape[1] == 1
+            and mask.shape[1] == 1
+            and q.shape[0] <= native.MAX_ROWS
+            and ck.dtype in native.DTYPES
+        )
 
     def _attention_with_dropout(self, q, k, v, mask):
         # Explicit softmax so attention probabilities can be dropped (BERT fine-tuning recipe);

@@ -1,9 +1,11 @@
-"""A native CPU kernel for the few-row matrix products of decoding (``lm/csrc/small_matmul.cc``).
+"""Native CPU kernels for decoding (``lm/csrc/small_matmul.cc``): the few-row matrix products
+and the attention of one new token to the KV cache.
 
     from lm import native
     if native.available():
         y = native.small_matmul(x, w)          # x [M, K] f32, w [K, N] f32|bf16 -> [M, N] f32
         y = native.small_matmul(x, e, True)    # e [N, K]: the tied LM head, x @ e.T
+        o = native.decode_attention(q, k, v, mask)  # q [B, N, H], cache k [B, KV, H, S] ...
 
 Why: a decoding step at batch 1 reads every weight once, so its speed is the rate at which
 the weights stream from memory. XLA:CPU widens bfloat16 weights through memory before its
@@ -32,6 +34,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -40,6 +43,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ MAX_ROWS = 16  # products with more rows than this stay with XLA (see the module
 # The tied LM head ([V, D] rows read whole, one 576 x 49152 matrix): 1.2-1.4x XLA up to 16 rows.
 HEAD_MAX_ROWS = 16
 TARGET = "lm_small_matmul"
+ATTENTION_TARGET = "lm_decode_attention"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "small_matmul.cc")
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 
@@ -119,6 +124,9 @@ def available() -> bool:
             _build(path)
         lib = ctypes.cdll.LoadLibrary(path)
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LmSmallMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(
+            ATTENTION_TARGET, jax.ffi.pycapsule(lib.LmDecodeAttention), platform="cpu"
+        )
     except (OSError, RuntimeError) as e:
         log.warning("lm.native: the small-matmul kernel is unavailable, using XLA's dot (%s)", e)
         return False
@@ -152,3 +160,32 @@ def _call(x: jax.Array, ws: list[jax.Array], transpose_w: bool) -> list[jax.Arra
         outs.append(jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
     call = jax.ffi.ffi_call(TARGET, outs)
     return list(call(x.astype(jnp.float32), *ws, transpose_w=transpose_w))
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention of one new token per row to a KV cache (a decoding step), float32 [B, N, H].
+
+    Args:
+        q: [B, N, H] queries (cast to float32), N a multiple of the KV heads.
+        k: [B, KV, H, S] cached keys; v: [B, KV, S, H] cached values (float32 or bfloat16,
+            lm.model.init_cache's layouts).
+        mask: [B, S], true where the key may be attended.
+
+    Softmax(q k / sqrt(H)) v per head, as lm.layers.dot_attention computes it (to float32
+    rounding). Call only when ``available()``.
+    """
+    b, n, h = q.shape
+    if k.ndim != 4 or v.shape != (k.shape[0], k.shape[1], k.shape[3], k.shape[2]):
+        raise ValueError(
+            f"decode_attention: k {k.shape} [B, KV, H, S] and v {v.shape} [B, KV, S, H]"
+        )
+    if k.shape[0] != b or k.shape[2] != h or n % k.shape[1] or mask.shape != (b, k.shape[3]):
+        raise ValueError(
+            f"decode_attention: q {q.shape}, k {k.shape} and mask {mask.shape} do not match"
+        )
+    if k.dtype not in DTYPES or v.dtype != k.dtype:
+        raise ValueError(f"decode_attention: the cache must be float32 or bfloat16, got {k.dtype}")
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((b, n, h), jnp.float32))
+    return call(
+        q.astype(jnp.float32), k, v, mask.astype(jnp.uint8), scale=np.float32(1.0 / math.sqrt(h))
+    )

@@ -60,20 +60,66 @@ def test_small_matmul_rejects_bad_operands():
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    "b,kv,g,h,s,dtype",
+    [(1, 3, 3, 64, 144, "float32"), (16, 3, 3, 64, 37, "float32"), (3, 1, 2, 80, 200, "bfloat16"),
+     (2, 2, 4, 32, 16, "bfloat16"), (4, 1, 1, 17, 5, "float32")],
+)  # fmt: skip
+def test_decode_attention_equals_dot_attention(b, kv, g, h, s, dtype):
+    """The kernel's attention step against lm.layers.dot_attention: ragged S and H (masked
+    vector tails), grouped heads, random masks, and a row that sees no key (mean of values)."""
+    from lm.layers import dot_attention
+
+    rng = np.random.default_rng(b * 100 + s)
+    q = jnp.asarray(rng.standard_normal((b, kv * g, h)) * 2, jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, kv, h, s)), dtype)
+    v = jnp.asarray(rng.standard_normal((b, kv, s, h)), dtype)
+    mask = rng.random((b, s)) < 0.7
+    mask[0, -1] = True
+    if b > 1:
+        mask[1] = False
+    got = jax.jit(native.decode_attention)(q, k, v, jnp.asarray(mask))
+    f32 = jnp.float32
+    want = dot_attention(q[:, None], k.astype(f32), v.astype(f32), jnp.asarray(mask)[:, None, None])
+    assert got.shape == (b, kv * g, h) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want[:, 0]), atol=2e-6, rtol=2e-6)
+
+
+def test_decode_attention_rejects_bad_operands():
+    q, m = jnp.ones((2, 6, 8)), jnp.ones((2, 5), bool)
+    k, v = jnp.ones((2, 3, 8, 5)), jnp.ones((2, 3, 5, 8))
+    with pytest.raises(ValueError, match="do not match"):
+        native.decode_attention(q, k, v, jnp.ones((2, 4), bool))
+    with pytest.raises(ValueError, match=r"\[B, KV, S, H\]"):
+        native.decode_attention(q, k, k, m)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        native.decode_attention(q, k.astype(jnp.float16), v.astype(jnp.float16), m)
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype,rows", [("float32", 1), ("bfloat16", 1), ("float32", 12)])
 def test_decoding_through_the_kernel_equals_xla(dtype, rows, monkeypatch):
     from test_decode import random_model
 
     from lm import decode
 
-    cfg, params = random_model("tiny")
-    cfg, params = decode.prepare(cfg, params, dtype)
+    base_cfg, base_params = random_model("tiny")
+    cfg, params = decode.prepare(base_cfg, base_params, dtype)
     prompts = [[5, 7, 9, 11], [3, 6, 9, 12, 15, 18, 21]]
     assert decode.matmul_impl(params) == "native"
     native_logits = _step_logits(decode, cfg.replace(matmul_impl="native"), params, rows)
     xla_logits = _step_logits(decode, cfg.replace(matmul_impl="xla"), params, rows)
-    tol = 1e-5 if dtype == "float32" else 2e-2
-    np.testing.assert_allclose(native_logits, xla_logits, atol=tol, rtol=tol)
+    if dtype == "float32":
+        np.testing.assert_allclose(native_logits, xla_logits, atol=1e-5, rtol=1e-5)
+    else:
+        # bfloat16 weights: the kernel accumulates (and attends) in float32 where XLA rounds
+        # the attention's operands to bfloat16, so both are held to the float32 model's logits.
+        ref_cfg, ref_params = decode.prepare(base_cfg, base_params, "float32")
+        ref = _step_logits(decode, ref_cfg.replace(matmul_impl="xla"), ref_params, rows)
+        xla_err = np.abs(xla_logits - ref).max()
+        assert 0 < xla_err < 0.2
+        # Different roundings, the same size of error (a wrong kernel is off by O(1)).
+        assert np.abs(native_logits - ref).max() <= 2 * xla_err
     prompts = (prompts * rows)[: max(rows, 2)]
     got = [g.token_ids for g in decode.generate(cfg, params, prompts, 12)]
     monkeypatch.setattr(decode, "matmul_impl", lambda params: "xla")

@@ -1,4 +1,5 @@
-// Small-batch matrix products for decoding on x86 CPUs with AVX-512, as an XLA FFI custom call.
+// Small-batch matrix products for decoding on x86 CPUs with AVX-512, as an XLA FFI custom call
+// (and, at the end of the file, the attention of a decoding step to the KV cache).
 //
 //   out[M, N] = x[M, K] @ W          W: [K, N] ("nn") or [N, K] ("nt", the tied LM head)
 //   out_i = x @ W_i                  several nn weights sharing x (q/k/v, gate/up), one call
@@ -422,6 +423,149 @@ ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Remainin
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Attention of one new token per row to a KV cache (a decoding step), for rows of 1 to 16.
+//
+//   out[b, n, :] = softmax_s(q[b, n, :] . K[b, n / G, :, s] * scale, mask[b, s]) @ V[b, n / G]
+//
+// K cache [B, KV, H, S], V cache [B, KV, S, H] (lm.model.init_cache's layouts), float32 or
+// bfloat16; q and out float32 [B, N, H], N = G * KV heads. Why: through XLA a step's attention
+// is a batch of B * KV tiny products ([G, H] x [H, S], then [G, S] x [S, H]) plus a softmax in
+// five more ops, ~0.4 ms a layer at batch 16 (15% of a SmolLM2 step, more than its 576 x 576
+// projections); here each (row, KV head) pair is one task that reads its keys and values once.
+// A masked key scores the lowest float32, as lm.layers.dot_attention, so a row without any
+// visible key averages all values (never the case in decoding: a token sees itself).
+
+// e^x for float32 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
+// (relative error < 2e-7), times 2^n by vscalefps. Inputs below -87.3 give 0 (a masked key).
+inline __m512 exp16(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
+// acc = sum_i a[i] * rows[i, col0 : col0 + 64] for rows [n, width] (row-major), 4 vectors of
+// 16 columns; mk masks off the columns at or past width.
+template <typename T>
+void combine_rows(const float* a, const T* rows, int64_t n, int64_t width, int64_t col0,
+                  __mmask16 (&mk)[4], __m512 (&acc)[4]) {
+  for (int c = 0; c < 4; ++c) {
+    const int64_t r = width - col0 - 16 * c;
+    mk[c] = static_cast<__mmask16>(r >= 16 ? 0xFFFF : r <= 0 ? 0 : (1u << r) - 1);
+    acc[c] = _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const __m512 ab = _mm512_set1_ps(a[i]);
+    const T* row = rows + i * width + col0;
+    _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) {
+      acc[c] = _mm512_fmadd_ps(ab, load16(row + 16 * c, mk[c]), acc[c]);
+    }
+  }
+}
+
+// One (row, KV head): G query heads against S keys of head size H.
+template <typename T>
+void attend_one(const float* q, const T* k, const T* v, const uint8_t* mask, float* out,
+                int64_t G, int64_t H, int64_t S, float scale, float* scores) {
+  const __m512 lowest = _mm512_set1_ps(-3.4028235e38f);
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = q + g * H;
+    float* sg = scores + g * S;
+    // scores[s] = sum_h q[h] K[h, s]: K's rows are contiguous in s.
+    for (int64_t s0 = 0; s0 < S; s0 += 64) {
+      __mmask16 mk[4];
+      __m512 acc[4];
+      combine_rows(qg, k, H, S, s0, mk, acc);
+      for (int c = 0; c < 4; ++c) {
+        if (!mk[c]) break;
+        const __m128i m8 = _mm_maskz_loadu_epi8(mk[c], mask + s0 + 16 * c);
+        const __mmask16 seen = _mm_test_epi8_mask(m8, m8);
+        const __m512 sc = _mm512_mask_blend_ps(seen, lowest, _mm512_mul_ps(acc[c], _mm512_set1_ps(scale)));
+        _mm512_mask_storeu_ps(sg + s0 + 16 * c, mk[c], sc);
+      }
+    }
+    // Softmax over s (max, then e^(x - max) and its sum).
+    __m512 mx = lowest;
+    int64_t s = 0;
+    for (; s + 16 <= S; s += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sg + s));
+    const __mmask16 tail = static_cast<__mmask16>((1u << (S - s)) - 1);
+    if (S - s) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, sg + s));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (s = 0; s + 16 <= S; s += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + s), m));
+      _mm512_storeu_ps(sg + s, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    if (S - s) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sg + s), m));
+      _mm512_mask_storeu_ps(sg + s, tail, e);
+      sum = _mm512_mask_add_ps(sum, tail, sum, e);
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+    // out = (sum_s p[s] V[s, :]) / sum_s p[s]: V's rows are contiguous in h.
+    for (int64_t h0 = 0; h0 < H; h0 += 64) {
+      __mmask16 mk[4];
+      __m512 acc[4];
+      combine_rows(sg, v, S, H, h0, mk, acc);
+      for (int c = 0; c < 4; ++c) {
+        _mm512_mask_storeu_ps(out + g * H + h0 + 16 * c, mk[c], _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+      }
+    }
+  }
+}
+
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
+                               ffi::AnyBuffer v, ffi::Buffer<ffi::U8> mask,
+                               ffi::ResultBuffer<ffi::F32> out, float scale) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || md.size() != 2) {
+    return ffi::Error::InvalidArgument("decode_attention: q [B, N, H], k [B, KV, H, S], v [B, KV, S, H], mask [B, S]");
+  }
+  const int64_t B = qd[0], N = qd[1], H = qd[2], KV = kd[1], S = kd[3];
+  if (kd[0] != B || kd[2] != H || vd[0] != B || vd[1] != KV || vd[2] != S || vd[3] != H ||
+      md[0] != B || md[1] != S || KV == 0 || N % KV != 0) {
+    return ffi::Error::InvalidArgument("decode_attention: operand shapes do not match");
+  }
+  if (k.element_type() != v.element_type() ||
+      (k.element_type() != ffi::F32 && k.element_type() != ffi::BF16)) {
+    return ffi::Error::InvalidArgument("decode_attention: the cache must be float32 or bfloat16");
+  }
+  const bool bf = k.element_type() == ffi::BF16;
+  const int64_t G = N / KV;
+  const float* qp = q.typed_data();
+  const uint8_t* mp = mask.typed_data();
+  float* op = out->typed_data();
+  const void* kp = k.untyped_data();
+  const void* vp = v.untyped_data();
+  parallel_for(pool, B * KV, [=](int64_t task) {
+    const int64_t b = task / KV, kv = task % KV;
+    std::unique_ptr<float[]> scores(new float[G * S]);
+    const int64_t q_off = (b * N + kv * G) * H, kv_off = (b * KV + kv) * H * S;
+    if (bf) {
+      attend_one<bf16>(qp + q_off, static_cast<const bf16*>(kp) + kv_off,
+                       static_cast<const bf16*>(vp) + kv_off, mp + b * S, op + q_off, G, H, S,
+                       scale, scores.get());
+    } else {
+      attend_one<float>(qp + q_off, static_cast<const float*>(kp) + kv_off,
+                        static_cast<const float*>(vp) + kv_off, mp + b * S, op + q_off, G, H, S,
+                        scale, scores.get());
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmSmallMatmul, SmallMatmulImpl,
@@ -431,3 +575,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmSmallMatmul, SmallMatmulImpl,
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<bool>("transpose_w"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmDecodeAttention, DecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
