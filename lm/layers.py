@@ -320,6 +320,14 @@ class Attention(nn.Module):
         [B, K, S, H], the layouts in which both products are plain batched matmuls (XLA
         transposed a [B, S, K, H] cache in full on every decoding step: 40% of a batch-16
         SmolLM2 step on CPU)."""
+        if self._native_step(q, cache["k"], mask):
+            # One token per row (a decoding step): lm.native's kernel writes the new key and
+            # value into the cache and reads each row's keys and values once, instead of XLA's
+            # two slice updates, B * KV tiny products and five softmax ops.
+            out, ck, cv = native.decode_attention(
+                q[:, 0], kk[:, 0], v[:, 0], cache["k"], cache["v"], index, mask[:, 0, 0]
+            )
+            return out[:, None].astype(q.dtype), {"k": ck, "v": cv}
         kk, v = kk.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T], [B, K, T, H]
         ck = jax.lax.dynamic_update_slice(cache["k"], kk.astype(cache["k"].dtype), (0, 0, 0, index))
         cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, index, 0))
@@ -327,11 +335,6 @@ class Attention(nn.Module):
             # Prefill of an empty cache (index is the Python int 0, see Transformer): the only
             # visible keys are the T new ones, so attend to them, not to all S slots.
             out = prefill_attention(q, kk, v, mask[..., : q.shape[1]], self.cfg.causal)
-        elif self._native_step(q, ck, mask):
-            # One token per row (a decoding step): lm.native's kernel reads each row's keys and
-            # values once instead of XLA's B * KV tiny products and five softmax ops.
-            out = native.decode_attention(q[:, 0], ck, cv, mask[:, 0, 0])[:, None]
-            out = out.astype(q.dtype)
         else:
             out = dot_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
         return out, {"k": ck, "v": cv}

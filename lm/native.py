@@ -162,30 +162,52 @@ def _call(x: jax.Array, ws: list[jax.Array], transpose_w: bool) -> list[jax.Arra
     return list(call(x.astype(jnp.float32), *ws, transpose_w=transpose_w))
 
 
-def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Attention of one new token per row to a KV cache (a decoding step), float32 [B, N, H].
+def decode_attention(
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    index: jax.Array,
+    mask: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decoding step of attention: write the new key and value into cache slot ``index``,
+    then attend every row's token to its cache.
 
     Args:
         q: [B, N, H] queries (cast to float32), N a multiple of the KV heads.
-        k: [B, KV, H, S] cached keys; v: [B, KV, S, H] cached values (float32 or bfloat16,
-            lm.model.init_cache's layouts).
-        mask: [B, S], true where the key may be attended.
+        k_new, v_new: [B, KV, H], this step's key and value (cast to the cache's dtype).
+        k: [B, KV, H, S] and v: [B, KV, S, H], the caches (float32 or bfloat16;
+            lm.model.init_cache's layouts), updated in place where XLA can alias them.
+        index: int scalar, the slot to write (0 <= index < S).
+        mask: [B, S], true where the key may be attended (the new slot included).
 
-    Softmax(q k / sqrt(H)) v per head, as lm.layers.dot_attention computes it (to float32
-    rounding). Call only when ``available()``.
+    Returns:
+        (out [B, N, H] float32, k, v): softmax(q k / sqrt(H)) v per head, as
+        lm.layers.dot_attention computes it over the updated caches (to float32 rounding).
+        Call only when ``available()``.
     """
     b, n, h = q.shape
     if k.ndim != 4 or v.shape != (k.shape[0], k.shape[1], k.shape[3], k.shape[2]):
         raise ValueError(
             f"decode_attention: k {k.shape} [B, KV, H, S] and v {v.shape} [B, KV, S, H]"
         )
+    new = (b, k.shape[1], h)
     if k.shape[0] != b or k.shape[2] != h or n % k.shape[1] or mask.shape != (b, k.shape[3]):
         raise ValueError(
             f"decode_attention: q {q.shape}, k {k.shape} and mask {mask.shape} do not match"
         )
+    if k_new.shape != new or v_new.shape != new:
+        raise ValueError(f"decode_attention: new k {k_new.shape} and v {v_new.shape}, want {new}")
     if k.dtype not in DTYPES or v.dtype != k.dtype:
         raise ValueError(f"decode_attention: the cache must be float32 or bfloat16, got {k.dtype}")
-    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((b, n, h), jnp.float32))
-    return call(
-        q.astype(jnp.float32), k, v, mask.astype(jnp.uint8), scale=np.float32(1.0 / math.sqrt(h))
+    call = jax.ffi.ffi_call(
+        ATTENTION_TARGET,
+        (jax.ShapeDtypeStruct((b, n, h), jnp.float32), k, v),
+        input_output_aliases={3: 1, 4: 2},
     )
+    return call(
+        q.astype(jnp.float32), k_new.astype(k.dtype), v_new.astype(k.dtype), k, v,
+        jnp.asarray(index, jnp.int32), mask.astype(jnp.uint8),
+        scale=np.float32(1.0 / math.sqrt(h)),
+    )  # fmt: skip

@@ -116,6 +116,16 @@ def filter_logits(logits: Array, strategy: Sample) -> Array:
     return top_p_filter(x, strategy.top_p)
 
 
+def greedy_ids(logits: Array) -> Array:
+    """``jnp.argmax(logits, -1)`` as int32 [B] (ties and NaN alike: the lowest such id), as a
+    max and a min over the vocabulary: XLA:CPU runs argmax's (value, index) reduction about
+    1.8x slower (1.8 ms against 1.0 for [16, 49152] float32; a batch-16 decoding step is ~50)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)  # NaN if the row holds one
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    hit = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, ids, logits.shape[-1]), axis=-1)
+
+
 def choose(logits: Array, strategy: Strategy, keys: Array | None = None) -> Array:
     """Next token ids [B] int32 from logits [B, V].
 
@@ -126,7 +136,7 @@ def choose(logits: Array, strategy: Strategy, keys: Array | None = None) -> Arra
             a prompt draw the same tokens whatever else shares its batch.
     """
     if isinstance(strategy, Greedy):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_ids(logits)
     if keys is None:
         raise ValueError("Sample needs one PRNG key per row")
     x = filter_logits(logits, strategy)

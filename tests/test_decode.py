@@ -172,6 +172,20 @@ def test_seed_determinism(model):
 # ---- filters, exact numbers ------------------------------------------------------------------
 
 
+def test_greedy_ids_equal_argmax():
+    """Ties go to the lowest id and a NaN wins, exactly as jnp.argmax."""
+    from lm.sampling import greedy_ids
+
+    nan = np.nan
+    x = jnp.array([[1.0, 5.0, 3.0, 5.0], [2.0, nan, 7.0, nan], [-1.0, -1.0, -1.0, -1.0]])
+    np.testing.assert_array_equal(greedy_ids(x), [1, 1, 0])
+    np.testing.assert_array_equal(greedy_ids(x), jnp.argmax(x, -1))
+    y = jax.random.normal(jax.random.PRNGKey(0), (16, 49152))
+    got = jax.jit(greedy_ids)(y)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, jnp.argmax(y, -1))
+
+
 def test_top_k_filter_exact():
     x = jnp.array([[1.0, 5.0, 3.0, 4.0, 2.0], [0.0, 0.0, 1.0, 0.0, -1.0]])
     got = top_k_filter(x, 2)

@@ -66,34 +66,48 @@ def test_small_matmul_rejects_bad_operands():
      (2, 2, 4, 32, 16, "bfloat16"), (4, 1, 1, 17, 5, "float32")],
 )  # fmt: skip
 def test_decode_attention_equals_dot_attention(b, kv, g, h, s, dtype):
-    """The kernel's attention step against lm.layers.dot_attention: ragged S and H (masked
-    vector tails), grouped heads, random masks, and a row that sees no key (mean of values)."""
+    """The kernel's attention step against slice updates + lm.layers.dot_attention: ragged S
+    and H (masked vector tails), grouped heads, random masks, a row that sees no key (mean of
+    the values), and the caches it returns."""
     from lm.layers import dot_attention
 
     rng = np.random.default_rng(b * 100 + s)
     q = jnp.asarray(rng.standard_normal((b, kv * g, h)) * 2, jnp.float32)
     k = jnp.asarray(rng.standard_normal((b, kv, h, s)), dtype)
     v = jnp.asarray(rng.standard_normal((b, kv, s, h)), dtype)
+    k_new = jnp.asarray(rng.standard_normal((b, kv, h)), jnp.float32)
+    v_new = jnp.asarray(rng.standard_normal((b, kv, h)), jnp.float32)
+    index = s // 2
     mask = rng.random((b, s)) < 0.7
-    mask[0, -1] = True
+    mask[:, index] = True
     if b > 1:
         mask[1] = False
-    got = jax.jit(native.decode_attention)(q, k, v, jnp.asarray(mask))
+    got, got_k, got_v = jax.jit(native.decode_attention)(
+        q, k_new, v_new, k, v, jnp.int32(index), jnp.asarray(mask)
+    )
+    want_k = k.at[:, :, :, index].set(k_new.astype(dtype))
+    want_v = v.at[:, :, index, :].set(v_new.astype(dtype))
+    np.testing.assert_array_equal(np.asarray(got_k, np.float32), np.asarray(want_k, np.float32))
+    np.testing.assert_array_equal(np.asarray(got_v, np.float32), np.asarray(want_v, np.float32))
     f32 = jnp.float32
-    want = dot_attention(q[:, None], k.astype(f32), v.astype(f32), jnp.asarray(mask)[:, None, None])
+    m4 = jnp.asarray(mask)[:, None, None]
+    want = dot_attention(q[:, None], want_k.astype(f32), want_v.astype(f32), m4)
     assert got.shape == (b, kv * g, h) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), np.asarray(want[:, 0]), atol=2e-6, rtol=2e-6)
 
 
 def test_decode_attention_rejects_bad_operands():
-    q, m = jnp.ones((2, 6, 8)), jnp.ones((2, 5), bool)
-    k, v = jnp.ones((2, 3, 8, 5)), jnp.ones((2, 3, 5, 8))
+    q, m, i = jnp.ones((2, 6, 8)), jnp.ones((2, 5), bool), jnp.int32(1)
+    k, v, new = jnp.ones((2, 3, 8, 5)), jnp.ones((2, 3, 5, 8)), jnp.ones((2, 3, 8))
     with pytest.raises(ValueError, match="do not match"):
-        native.decode_attention(q, k, v, jnp.ones((2, 4), bool))
+        native.decode_attention(q, new, new, k, v, i, jnp.ones((2, 4), bool))
     with pytest.raises(ValueError, match=r"\[B, KV, S, H\]"):
-        native.decode_attention(q, k, k, m)
+        native.decode_attention(q, new, new, k, k, i, m)
+    with pytest.raises(ValueError, match="new k"):
+        native.decode_attention(q, new[:, :2], new, k, v, i, m)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
-        native.decode_attention(q, k.astype(jnp.float16), v.astype(jnp.float16), m)
+        f16 = jnp.float16
+        native.decode_attention(q, new, new, k.astype(f16), v.astype(f16), i, m)
 
 
 @needs_kernel

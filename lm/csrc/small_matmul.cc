@@ -526,41 +526,74 @@ void attend_one(const float* q, const T* k, const T* v, const uint8_t* mask, flo
   }
 }
 
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
-                               ffi::AnyBuffer v, ffi::Buffer<ffi::U8> mask,
-                               ffi::ResultBuffer<ffi::F32> out, float scale) {
-  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
-  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || md.size() != 2) {
-    return ffi::Error::InvalidArgument("decode_attention: q [B, N, H], k [B, KV, H, S], v [B, KV, S, H], mask [B, S]");
+// Writes the step's new key and value into slot `index` of the (aliased, updated in place)
+// cache, then attends. Doing the write here saves XLA's two dynamic-update-slices a layer: the
+// new key is a column of the [H, S] key block, 3072 scattered floats at batch 16 (~50 us).
+template <typename T>
+void write_slot(const T* k_new, const T* v_new, T* k, T* v, int64_t H, int64_t S,
+                int64_t index) {
+  for (int64_t h = 0; h < H; ++h) k[h * S + index] = k_new[h];
+  std::copy(v_new, v_new + H, v + index * H);
+}
+
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                               ffi::AnyBuffer k_new, ffi::AnyBuffer v_new, ffi::AnyBuffer k_in,
+                               ffi::AnyBuffer v_in, ffi::Buffer<ffi::S32> index,
+                               ffi::Buffer<ffi::U8> mask, ffi::ResultBuffer<ffi::F32> out,
+                               ffi::Result<ffi::AnyBuffer> k, ffi::Result<ffi::AnyBuffer> v,
+                               float scale) {
+  auto qd = q.dimensions(), kd = k->dimensions(), vd = v->dimensions(), md = mask.dimensions();
+  auto knd = k_new.dimensions(), vnd = v_new.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || md.size() != 2 || knd.size() != 3 ||
+      vnd.size() != 3 || index.element_count() != 1) {
+    return ffi::Error::InvalidArgument(
+        "decode_attention: q [B, N, H], new k and v [B, KV, H], caches k [B, KV, H, S] and "
+        "v [B, KV, S, H], index [], mask [B, S]");
   }
   const int64_t B = qd[0], N = qd[1], H = qd[2], KV = kd[1], S = kd[3];
   if (kd[0] != B || kd[2] != H || vd[0] != B || vd[1] != KV || vd[2] != S || vd[3] != H ||
-      md[0] != B || md[1] != S || KV == 0 || N % KV != 0) {
+      md[0] != B || md[1] != S || KV == 0 || N % KV != 0 || knd[0] != B || knd[1] != KV ||
+      knd[2] != H || vnd[0] != B || vnd[1] != KV || vnd[2] != H) {
     return ffi::Error::InvalidArgument("decode_attention: operand shapes do not match");
   }
-  if (k.element_type() != v.element_type() ||
-      (k.element_type() != ffi::F32 && k.element_type() != ffi::BF16)) {
-    return ffi::Error::InvalidArgument("decode_attention: the cache must be float32 or bfloat16");
+  const auto type = k->element_type();
+  if (v->element_type() != type || k_new.element_type() != type ||
+      v_new.element_type() != type || (type != ffi::F32 && type != ffi::BF16)) {
+    return ffi::Error::InvalidArgument(
+        "decode_attention: the cache and the new entries must be float32 or bfloat16 alike");
   }
-  const bool bf = k.element_type() == ffi::BF16;
+  const int64_t slot = index.typed_data()[0];
+  if (slot < 0 || slot >= S) {
+    return ffi::Error::InvalidArgument("decode_attention: index outside the cache");
+  }
+  const bool bf = type == ffi::BF16;
   const int64_t G = N / KV;
   const float* qp = q.typed_data();
   const uint8_t* mp = mask.typed_data();
   float* op = out->typed_data();
-  const void* kp = k.untyped_data();
-  const void* vp = v.untyped_data();
+  void* kp = k->untyped_data();
+  void* vp = v->untyped_data();
+  const void* knp = k_new.untyped_data();
+  const void* vnp = v_new.untyped_data();
   parallel_for(pool, B * KV, [=](int64_t task) {
     const int64_t b = task / KV, kv = task % KV;
     std::unique_ptr<float[]> scores(new float[G * S]);
     const int64_t q_off = (b * N + kv * G) * H, kv_off = (b * KV + kv) * H * S;
+    const int64_t new_off = (b * KV + kv) * H;
     if (bf) {
-      attend_one<bf16>(qp + q_off, static_cast<const bf16*>(kp) + kv_off,
-                       static_cast<const bf16*>(vp) + kv_off, mp + b * S, op + q_off, G, H, S,
-                       scale, scores.get());
+      bf16* kb = static_cast<bf16*>(kp) + kv_off;
+      bf16* vb = static_cast<bf16*>(vp) + kv_off;
+      write_slot<bf16>(static_cast<const bf16*>(knp) + new_off,
+                       static_cast<const bf16*>(vnp) + new_off, kb, vb, H, S, slot);
+      attend_one<bf16>(qp + q_off, kb, vb, mp + b * S, op + q_off, G, H, S, scale,
+                       scores.get());
     } else {
-      attend_one<float>(qp + q_off, static_cast<const float*>(kp) + kv_off,
-                        static_cast<const float*>(vp) + kv_off, mp + b * S, op + q_off, G, H, S,
-                        scale, scores.get());
+      float* kb = static_cast<float*>(kp) + kv_off;
+      float* vb = static_cast<float*>(vp) + kv_off;
+      write_slot<float>(static_cast<const float*>(knp) + new_off,
+                        static_cast<const float*>(vnp) + new_off, kb, vb, H, S, slot);
+      attend_one<float>(qp + q_off, kb, vb, mp + b * S, op + q_off, G, H, S, scale,
+                        scores.get());
     }
   });
   return ffi::Error::Success();
@@ -579,9 +612,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmSmallMatmul, SmallMatmulImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmDecodeAttention, DecodeAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::AnyBuffer>()         // new key
+                                  .Arg<ffi::AnyBuffer>()         // new value
+                                  .Arg<ffi::AnyBuffer>()         // key cache (aliased to ret 1)
+                                  .Arg<ffi::AnyBuffer>()         // value cache (to ret 2)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slot
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // mask
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<float>("scale"));
