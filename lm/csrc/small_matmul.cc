@@ -536,6 +536,19 @@ void write_slot(const T* k_new, const T* v_new, T* k, T* v, int64_t H, int64_t S
   std::copy(v_new, v_new + H, v + index * H);
 }
 
+// One (row, KV head) task of a step: its cache slot, then its attention. Offsets count
+// elements of T from the starts of the new entries and of the caches.
+template <typename T>
+void step_task(const float* q, const void* k_new, const void* v_new, int64_t new_off, void* k,
+               void* v, int64_t kv_off, const uint8_t* mask, float* out, int64_t G, int64_t H,
+               int64_t S, int64_t slot, float scale, float* scores) {
+  T* kb = static_cast<T*>(k) + kv_off;
+  T* vb = static_cast<T*>(v) + kv_off;
+  write_slot<T>(static_cast<const T*>(k_new) + new_off, static_cast<const T*>(v_new) + new_off,
+                kb, vb, H, S, slot);
+  attend_one<T>(q, kb, vb, mask, out, G, H, S, scale, scores);
+}
+
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::AnyBuffer k_new, ffi::AnyBuffer v_new, ffi::AnyBuffer k_in,
                                ffi::AnyBuffer v_in, ffi::Buffer<ffi::S32> index,
@@ -580,21 +593,9 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     std::unique_ptr<float[]> scores(new float[G * S]);
     const int64_t q_off = (b * N + kv * G) * H, kv_off = (b * KV + kv) * H * S;
     const int64_t new_off = (b * KV + kv) * H;
-    if (bf) {
-      bf16* kb = static_cast<bf16*>(kp) + kv_off;
-      bf16* vb = static_cast<bf16*>(vp) + kv_off;
-      write_slot<bf16>(static_cast<const bf16*>(knp) + new_off,
-                       static_cast<const bf16*>(vnp) + new_off, kb, vb, H, S, slot);
-      attend_one<bf16>(qp + q_off, kb, vb, mp + b * S, op + q_off, G, H, S, scale,
-                       scores.get());
-    } else {
-      float* kb = static_cast<float*>(kp) + kv_off;
-      float* vb = static_cast<float*>(vp) + kv_off;
-      write_slot<float>(static_cast<const float*>(knp) + new_off,
-                        static_cast<const float*>(vnp) + new_off, kb, vb, H, S, slot);
-      attend_one<float>(qp + q_off, kb, vb, mp + b * S, op + q_off, G, H, S, scale,
-                        scores.get());
-    }
+    (bf ? step_task<bf16> : step_task<float>)(qp + q_off, knp, vnp, new_off, kp, vp, kv_off,
+                                              mp + b * S, op + q_off, G, H, S, slot, scale,
+                                              scores.get());
   });
   return ffi::Error::Success();
 }
