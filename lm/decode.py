@@ -115,8 +115,7 @@ def _lm_head(cfg: ModelConfig, params: dict, h: Array) -> Array:
         w, contract = params["embed"]["embedding"], 1  # [V, D]
     else:
         w, contract = params["lm_head"]["kernel"], 0  # [D, V]
-    rows = native.HEAD_MAX_ROWS if contract == 1 else native.MAX_ROWS
-    if cfg.matmul_impl == "native" and h.shape[0] <= rows and w.dtype in native.DTYPES:
+    if cfg.matmul_impl == "native" and native.fits(h.shape[0], w):
         return native.small_matmul(h, w, transpose_w=contract == 1)
     return jax.lax.dot_general(
         h.astype(dt), w.astype(dt), (((1,), (contract,)), ((), ())),

@@ -44,7 +44,7 @@ def matmul(x: Array, w: Array, dtype, impl: str = "xla") -> Array:
     # transposes plus dots about 2x slower than the 2-D ones (measured on the train step).
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if impl == "native" and x2.shape[0] <= native.MAX_ROWS and w.dtype in native.DTYPES:
+    if impl == "native" and native.fits(x2.shape[0], w):
         y = native.small_matmul(x2, w)
     else:
         y = jax.lax.dot_general(
@@ -125,7 +125,7 @@ def native_projections(
     x2 = x.reshape(-1, x.shape[-1])
     params = module.variables["params"]
     ws = [params[n]["kernel"] for n in names]
-    if x2.shape[0] > native.MAX_ROWS or any(w.dtype not in native.DTYPES for w in ws):
+    if not native.fits(x2.shape[0], *ws):
         return None
     dt = dtype_of(cfg.dtype)
     out = []
@@ -344,8 +344,7 @@ class Attention(nn.Module):
             self.cfg.matmul_impl == "native"
             and q.shape[1] == 1
             and mask.shape[1] == 1
-            and q.shape[0] <= native.MAX_ROWS
-            and ck.dtype in native.DTYPES
+            and native.fits(q.shape[0], ck)
         )
 
     def _attention_with_dropout(self, q, k, v, mask):

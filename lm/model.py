@@ -77,8 +77,8 @@ class Transformer(nn.Module):
         token_types: int [B, T] (BERT sentence A/B; default zeros).
         segment_ids: int [B, T] packed-example ids; attention stays inside a segment.
         cache: from ``init_cache``; the T tokens are written at slot ``cache["index"]``. An
-            ``index`` that is the Python int 0 (as lm.decode's prefill sets it) says statically that the
-            cache is empty: attention then reads the T new keys only (a prefill).
+            ``index`` that is the Python int 0 (as lm.decode's prefill sets it) says statically
+            that the cache is empty: attention then reads the T new keys only (a prefill).
         deterministic: False enables dropout (needs a "dropout" rng).
 
     Returns a dict: ``hidden`` [B, T, D]; ``logits`` ([B, T, V] for "lm", [B, C] for

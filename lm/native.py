@@ -5,7 +5,7 @@ and the attention of one new token to the KV cache.
     if native.available():
         y = native.small_matmul(x, w)          # x [M, K] f32, w [K, N] f32|bf16 -> [M, N] f32
         y = native.small_matmul(x, e, True)    # e [N, K]: the tied LM head, x @ e.T
-        o = native.decode_attention(q, k, v, mask)  # q [B, N, H], cache k [B, KV, H, S] ...
+        o, k, v = native.decode_attention(q, k_new, v_new, k, v, index, mask)  # one step
 
 Why: a decoding step at batch 1 reads every weight once, so its speed is the rate at which
 the weights stream from memory. XLA:CPU widens bfloat16 weights through memory before its
@@ -15,9 +15,10 @@ reads W once, in contiguous row blocks, widening bfloat16 to float32 in register
 calling thread plus XLA's intra-op pool. Measured on the 2-core AVX-512 machine (30 matrices
 of 576 x 1536, one row): float32 4.1 ms (XLA 4.2), bfloat16 3.2 ms (XLA 32 ms; 6.9 ms at two
 rows, the old workaround). From 5 rows the kernel switches to register tiles of 8 rows x 48
-columns: 16 rows of float32 at 12-13 GB/s against XLA's 10 (batch-16 SmolLM2 decoding
-205-212 tok/s against 177 through XLA, same process order, same host phase); bfloat16 at 16
-rows is no faster than XLA (both ~160 tok/s). Products of more than ``MAX_ROWS`` rows (a
+columns: 16 rows of float32 at 12-13 GB/s against XLA's 10 (batch-16 SmolLM2 decoding,
+matmuls only through the kernel: 205-212 tok/s against 177 through XLA, same host phase);
+bfloat16 matmuls at 16 rows are no faster than XLA's (both ~160 tok/s before the attention
+step moved here too). Products of more than ``MAX_ROWS`` rows (a
 prompt's prefill) stay with XLA, whose GEMM reaches 130-140 GFLOP/s a core at 512 rows
 (``lm.layers.matmul``).
 
@@ -48,9 +49,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 DTYPES = (jnp.float32, jnp.bfloat16)  # weight dtypes the kernel reads
-MAX_ROWS = 16  # products with more rows than this stay with XLA (see the module docstring)
-# The tied LM head ([V, D] rows read whole, one 576 x 49152 matrix): 1.2-1.4x XLA up to 16 rows.
-HEAD_MAX_ROWS = 16
+# Products (and attention steps) with more rows than this stay with XLA (see the module
+# docstring); the tied LM head ([V, D] rows read whole) is 1.2-1.4x XLA up to 16 rows too.
+MAX_ROWS = 16
 TARGET = "lm_small_matmul"
 ATTENTION_TARGET = "lm_decode_attention"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "small_matmul.cc")
@@ -128,9 +129,16 @@ def available() -> bool:
             ATTENTION_TARGET, jax.ffi.pycapsule(lib.LmDecodeAttention), platform="cpu"
         )
     except (OSError, RuntimeError) as e:
-        log.warning("lm.native: the small-matmul kernel is unavailable, using XLA's dot (%s)", e)
+        log.warning("lm.native: the kernels are unavailable, decoding uses XLA (%s)", e)
         return False
     return True
+
+
+def fits(rows: int, *operands: jax.Array) -> bool:
+    """Whether work of ``rows`` rows over these operands (weights, or a KV cache) belongs to the
+    kernels: at most MAX_ROWS rows, every operand float32 or bfloat16. The caller also checks
+    that decoding chose the kernels (``matmul_impl == "native"``)."""
+    return rows <= MAX_ROWS and all(a.dtype in DTYPES for a in operands)
 
 
 def small_matmul(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Array:

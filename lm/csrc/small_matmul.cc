@@ -44,6 +44,11 @@ namespace {
 
 using bf16 = uint16_t;
 
+// The first clamp(n, 0, 16) lanes: the mask of a (possibly partial, possibly empty) vector.
+inline __mmask16 lane_mask(int64_t n) {
+  return static_cast<__mmask16>(n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1);
+}
+
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const bf16* p) {
   // bfloat16 is the top half of a float32: widen to 32 bits and shift left by 16.
@@ -66,7 +71,7 @@ void nn_rows(const float* x, const T* w, float* out, int64_t M, int64_t K, int64
   const T* wk = w + k0 * N;
   for (int64_t j = j0; j < j1; j += 16) {
     const int64_t rem = j1 - j;
-    const __mmask16 mask = static_cast<__mmask16>(rem >= 16 ? 0xFFFF : (1u << rem) - 1);
+    const __mmask16 mask = lane_mask(rem);
     __m512 wv[KB];
     _Pragma("GCC unroll 16") for (int i = 0; i < KB; ++i) wv[i] = load16(wk + i * N + j, mask);
     for (int64_t m = 0; m < M; ++m) {
@@ -98,7 +103,7 @@ void nt_tile(const float* x, const T* w, float* out, int64_t K, int64_t N, int64
     }
   }
   if (k < K) {
-    __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
+    __mmask16 m = lane_mask(K - k);
     __m512 wv[NR];
     _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) wv[c] = load16(w + (n0 + c) * K + k, m);
     _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {
@@ -221,8 +226,7 @@ void nn_tile(const float* x, const T* w, float* out, int64_t K, int64_t N, int64
   const int64_t rem = j1 - j;
   __mmask16 mk[3];
   for (int c = 0; c < 3; ++c) {
-    const int64_t r = rem - 16 * c;
-    mk[c] = static_cast<__mmask16>(r >= 16 ? 0xFFFF : r <= 0 ? 0 : (1u << r) - 1);
+    mk[c] = lane_mask(rem - 16 * c);
   }
   __m512 acc[MR][3];
   _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)
@@ -461,8 +465,7 @@ template <typename T>
 void combine_rows(const float* a, const T* rows, int64_t n, int64_t width, int64_t col0,
                   __mmask16 (&mk)[4], __m512 (&acc)[4]) {
   for (int c = 0; c < 4; ++c) {
-    const int64_t r = width - col0 - 16 * c;
-    mk[c] = static_cast<__mmask16>(r >= 16 ? 0xFFFF : r <= 0 ? 0 : (1u << r) - 1);
+    mk[c] = lane_mask(width - col0 - 16 * c);
     acc[c] = _mm512_setzero_ps();
   }
   for (int64_t i = 0; i < n; ++i) {
@@ -499,7 +502,7 @@ void attend_one(const float* q, const T* k, const T* v, const uint8_t* mask, flo
     __m512 mx = lowest;
     int64_t s = 0;
     for (; s + 16 <= S; s += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sg + s));
-    const __mmask16 tail = static_cast<__mmask16>((1u << (S - s)) - 1);
+    const __mmask16 tail = lane_mask(S - s);
     if (S - s) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, sg + s));
     const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
     __m512 sum = _mm512_setzero_ps();
