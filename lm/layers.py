@@ -245,19 +245,23 @@ def rope_inv_freq(cfg: ModelConfig) -> Array:
     raise ValueError(f"Unsupported rope_scaling type {kind!r}; supported: linear, llama3")
 
 
-def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
-    """Rotate x [B, T, N, H] by positions [B, T], HF's rotate-half layout (not interleaved):
-    x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] = roll(x, H/2) * [-1, 1]."""
-    half = x.shape[-1] // 2
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    freqs = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, H]
-    # The barrier keeps cos/sin as [B, T, H] tables: fused into their consumer, XLA:CPU
-    # evaluated them once per element of x, i.e. N times over. This form (no split/concatenate
-    # of x) took 1.0 ms against 1.7 ms for q of a 512-token SmolLM2 prefill.
-    cos, sin = jax.lax.optimization_barrier((jnp.cos(freqs), jnp.sin(freqs)))
-    sign = jnp.concatenate([-jnp.ones((half,), jnp.float32), jnp.ones((half,), jnp.float32)])
+def rope_angles(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
+    """The cosines and sines [B, T, H/2] float32 of positions [B, T] times inv_freq [H/2]."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    # The barrier keeps cos/sin as tables: fused into their consumer, XLA:CPU evaluated them
+    # once per element of x, i.e. N times over.
+    return jax.lax.optimization_barrier((jnp.cos(freqs), jnp.sin(freqs)))
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate x [B, T, N, H] by the angles of rope_angles, HF's rotate-half layout (not
+    interleaved): x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] =
+    roll(x, H/2) * [-1, 1]. (This form, no split/concatenate of x, took 1.0 ms against 1.7 ms
+    for q of a 512-token SmolLM2 prefill.)"""
+    cos = jnp.concatenate([cos, cos], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    sin = jnp.concatenate([-sin, sin], axis=-1)[:, :, None, :]
     x32 = x.astype(jnp.float32)
-    out = x32 * cos[:, :, None, :] + jnp.roll(x32, half, axis=-1) * (sin * sign)[:, :, None, :]
+    out = x32 * cos + jnp.roll(x32, x.shape[-1] // 2, axis=-1) * sin
     return out.astype(x.dtype)
 
 
@@ -291,9 +295,12 @@ class Attention(nn.Module):
             kk = dense(cfg, k * h, ("embed", "kv"), "k", cfg.qkv_bias)(x, deterministic)
             v = dense(cfg, k * h, ("embed", "kv"), "v", cfg.qkv_bias)(x, deterministic)
         q, kk, v = q.reshape(b, t, n, h), kk.reshape(b, t, k, h), v.reshape(b, t, k, h)
-        if cfg.positions == "rope":
-            inv_freq = rope_inv_freq(cfg)
-            q, kk = apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq)
+        angles = rope_angles(positions, rope_inv_freq(cfg)) if cfg.positions == "rope" else None
+        if cache is not None and (kernel := self._native_kernel(q, cache["k"], mask, index)):
+            out, cache = kernel(q, kk, v, mask, cache, index, angles)
+            return self._out(out.astype(q.dtype).reshape(b, t, n * h), deterministic), cache
+        if angles is not None:
+            q, kk = apply_rope(q, *angles), apply_rope(kk, *angles)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", None))
         if cache is not None:
             out, cache = self._cached_attention(q, kk, v, mask, cache, index)
@@ -310,24 +317,17 @@ class Attention(nn.Module):
                 out = dot_attention(q, kk.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
             else:
                 out = jax.nn.dot_product_attention(q, kk, v, mask=mask, implementation=impl)
-        out = out.reshape(b, t, n * h)
-        return dense(cfg, cfg.d_model, ("heads", "embed"), "o", cfg.out_bias)(
-            out, deterministic
-        ), cache
+        return self._out(out.reshape(b, t, n * h), deterministic), cache
+
+    def _out(self, x: Array, deterministic: bool) -> Array:
+        cfg = self.cfg
+        return dense(cfg, cfg.d_model, ("heads", "embed"), "o", cfg.out_bias)(x, deterministic)
 
     def _cached_attention(self, q, kk, v, mask, cache, index):
         """Attention through the KV cache. The cache keeps keys as [B, K, H, S] and values as
         [B, K, S, H], the layouts in which both products are plain batched matmuls (XLA
         transposed a [B, S, K, H] cache in full on every decoding step: 40% of a batch-16
         SmolLM2 step on CPU)."""
-        if self._native_step(q, cache["k"], mask):
-            # One token per row (a decoding step): lm.native's kernel writes the new key and
-            # value into the cache and reads each row's keys and values once, instead of XLA's
-            # two slice updates, B * KV tiny products and five softmax ops.
-            out, ck, cv = native.decode_attention(
-                q[:, 0], kk[:, 0], v[:, 0], cache["k"], cache["v"], index, mask[:, 0, 0]
-            )
-            return out[:, None].astype(q.dtype), {"k": ck, "v": cv}
         kk, v = kk.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T], [B, K, T, H]
         ck = jax.lax.dynamic_update_slice(cache["k"], kk.astype(cache["k"].dtype), (0, 0, 0, index))
         cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, index, 0))
@@ -339,13 +339,16 @@ class Attention(nn.Module):
             out = dot_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
         return out, {"k": ck, "v": cv}
 
-    def _native_step(self, q, ck, mask) -> bool:
-        return (
-            self.cfg.matmul_impl == "native"
-            and q.shape[1] == 1
-            and mask.shape[1] == 1
-            and native.fits(q.shape[0], ck)
-        )
+    def _native_kernel(self, q, ck, mask, index):
+        """lm.native's attention for this cached call, or None (XLA's ops). The kernels
+        rotate q and k by RoPE themselves, write the cache, and attend."""
+        if self.cfg.matmul_impl != "native" or not native.fits(0, ck):
+            return None
+        if q.shape[1] == 1 and mask.shape[1] == 1 and native.fits(q.shape[0], ck):
+            return _native_step
+        if isinstance(index, int) and index == 0 and q.shape[1] > 1:
+            return _native_prefill
+        return None
 
     def _attention_with_dropout(self, q, k, v, mask):
         # Explicit softmax so attention probabilities can be dropped (BERT fine-tuning recipe);
@@ -359,6 +362,29 @@ class Attention(nn.Module):
         p = jax.nn.softmax(s, axis=-1)
         p = Dropout(cfg.attn_dropout_rate)(p, deterministic=False)
         return jnp.einsum("bnts,bsnh->btnh", p.astype(v.dtype), v).astype(q.dtype)
+
+
+def _native_step(q, kk, v, mask, cache, index, angles):
+    """One token per row (a decoding step): lm.native's kernel writes the new key and value
+    into the cache and reads each row's keys and values once, instead of XLA's two slice
+    updates, B * KV tiny products and five softmax ops."""
+    cos, sin = (a[:, 0] for a in angles) if angles is not None else (None, None)
+    out, ck, cv = native.decode_attention(
+        q[:, 0], kk[:, 0], v[:, 0], cache["k"], cache["v"], index, mask[:, 0, 0], cos, sin
+    )
+    return out[:, None], {"k": ck, "v": cv}
+
+
+def _native_prefill(q, kk, v, mask, cache, index, angles):
+    """A prompt into an empty cache: lm.native's kernel writes the keys and values and attends
+    in cache-sized tiles, reading keys only up to each token's last visible one (through XLA's
+    ops and copies, a third of a 512-token SmolLM2 prefill)."""
+    t = q.shape[1]
+    cos, sin = angles if angles is not None else (None, None)
+    out, ck, cv = native.prefill_attention(
+        q, kk, v, cache["k"], cache["v"], index, mask[:, 0, :, :t], cos, sin
+    )
+    return out, {"k": ck, "v": cv}
 
 
 def dot_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:

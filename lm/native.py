@@ -54,6 +54,7 @@ DTYPES = (jnp.float32, jnp.bfloat16)  # weight dtypes the kernel reads
 MAX_ROWS = 16
 TARGET = "lm_small_matmul"
 ATTENTION_TARGET = "lm_decode_attention"
+PREFILL_TARGET = "lm_prefill_attention"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "small_matmul.cc")
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 
@@ -128,6 +129,9 @@ def available() -> bool:
         jax.ffi.register_ffi_target(
             ATTENTION_TARGET, jax.ffi.pycapsule(lib.LmDecodeAttention), platform="cpu"
         )
+        jax.ffi.register_ffi_target(
+            PREFILL_TARGET, jax.ffi.pycapsule(lib.LmPrefillAttention), platform="cpu"
+        )
     except (OSError, RuntimeError) as e:
         log.warning("lm.native: the kernels are unavailable, decoding uses XLA (%s)", e)
         return False
@@ -178,21 +182,26 @@ def decode_attention(
     v: jax.Array,
     index: jax.Array,
     mask: jax.Array,
+    cos: jax.Array | None = None,
+    sin: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One decoding step of attention: write the new key and value into cache slot ``index``,
-    then attend every row's token to its cache.
+    """One decoding step of attention: rotate q and the new key by RoPE, write the new key
+    and value into cache slot ``index``, then attend every row's token to its cache.
 
     Args:
         q: [B, N, H] queries (cast to float32), N a multiple of the KV heads.
-        k_new, v_new: [B, KV, H], this step's key and value (cast to the cache's dtype).
+        k_new, v_new: [B, KV, H], this step's key and value (stored in the cache's dtype).
         k: [B, KV, H, S] and v: [B, KV, S, H], the caches (float32 or bfloat16;
             lm.model.init_cache's layouts), updated in place where XLA can alias them.
         index: int scalar, the slot to write (0 <= index < S).
         mask: [B, S], true where the key may be attended (the new slot included).
+        cos, sin: [B, H / 2], the cosines and sines of each row's RoPE angles
+            (lm.layers.rope_angles); None: no rotation.
 
     Returns:
         (out [B, N, H] float32, k, v): softmax(q k / sqrt(H)) v per head, as
-        lm.layers.dot_attention computes it over the updated caches (to float32 rounding).
+        lm.layers.apply_rope then lm.layers.dot_attention compute it over the updated caches
+        (to float32 rounding).
         Call only when ``available()``.
     """
     b, n, h = q.shape
@@ -209,13 +218,93 @@ def decode_attention(
         raise ValueError(f"decode_attention: new k {k_new.shape} and v {v_new.shape}, want {new}")
     if k.dtype not in DTYPES or v.dtype != k.dtype:
         raise ValueError(f"decode_attention: the cache must be float32 or bfloat16, got {k.dtype}")
+    cos, sin = _angles("decode_attention", cos, sin, (b,), h)
     call = jax.ffi.ffi_call(
         ATTENTION_TARGET,
         (jax.ShapeDtypeStruct((b, n, h), jnp.float32), k, v),
         input_output_aliases={3: 1, 4: 2},
     )
     return call(
-        q.astype(jnp.float32), k_new.astype(k.dtype), v_new.astype(k.dtype), k, v,
-        jnp.asarray(index, jnp.int32), mask.astype(jnp.uint8),
+        q.astype(jnp.float32), k_new.astype(jnp.float32), v_new.astype(k.dtype), k, v,
+        jnp.asarray(index, jnp.int32), mask.astype(jnp.uint8), cos, sin,
+        scale=np.float32(1.0 / math.sqrt(h)),
+    )  # fmt: skip
+
+
+def _angles(name: str, cos, sin, lead: tuple, h: int) -> tuple[jax.Array, jax.Array]:
+    """RoPE tables as the kernels take them: float32 [*lead, H / 2], or [*lead, 0] for none."""
+    if cos is None and sin is None:
+        z = jnp.zeros((*lead, 0), jnp.float32)
+        return z, z
+    want = (*lead, h // 2)
+    if h % 2 or cos is None or sin is None or cos.shape != want or sin.shape != want:
+        raise ValueError(
+            f"{name}: cos {getattr(cos, 'shape', None)} and sin {getattr(sin, 'shape', None)} "
+            f"must both be {want}"
+        )
+    return cos.astype(jnp.float32), sin.astype(jnp.float32)
+
+
+def prefill_attention(
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    index,
+    mask: jax.Array,
+    cos: jax.Array | None = None,
+    sin: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attention of T new tokens per row (a prompt's prefill): rotate queries and keys by
+    RoPE, write the keys and values into cache slots [index, index + T), then attend each
+    token to the first E slots.
+
+    Args:
+        q: [B, T, N, H] queries (cast to float32), N a multiple of the KV heads.
+        k_new, v_new: [B, T, KV, H], the new keys and values (stored in the cache's dtype).
+        k: [B, KV, H, S] and v: [B, KV, S, H], the caches (float32 or bfloat16), updated in
+            place where XLA can alias them.
+        index: int scalar, the first slot written (0 <= index, index + T <= S).
+        mask: [B, T, E] with E <= S, true where token t may attend to slot s. Keys after a
+            token's last visible one are not read (a causal mask skips the upper triangle).
+        cos, sin: [B, T, H / 2], the cosines and sines of the tokens' RoPE angles
+            (lm.layers.rope_angles); None: no rotation.
+
+    Returns:
+        (out [B, T, N, H] float32, k, v): as lm.layers.apply_rope then
+        lm.layers.dot_attention compute it over the first E slots of the updated caches (to float32 rounding; a token that sees no key
+        averages all E values there too). Call only when ``available()``.
+    """
+    b, t, n, h = q.shape
+    if k.ndim != 4 or v.shape != (k.shape[0], k.shape[1], k.shape[3], k.shape[2]):
+        raise ValueError(
+            f"prefill_attention: k {k.shape} [B, KV, H, S] and v {v.shape} [B, KV, S, H]"
+        )
+    new = (b, t, k.shape[1], h)
+    if (
+        k.shape[0] != b
+        or k.shape[2] != h
+        or n % k.shape[1]
+        or mask.ndim != 3
+        or mask.shape[:2] != (b, t)
+        or not 0 < mask.shape[2] <= k.shape[3]
+    ):
+        raise ValueError(
+            f"prefill_attention: q {q.shape}, k {k.shape} and mask {mask.shape} do not match"
+        )
+    if k_new.shape != new or v_new.shape != new:
+        raise ValueError(f"prefill_attention: new k {k_new.shape} and v {v_new.shape}, want {new}")
+    if k.dtype not in DTYPES or v.dtype != k.dtype:
+        raise ValueError(f"prefill_attention: the cache must be float32 or bfloat16, got {k.dtype}")
+    cos, sin = _angles("prefill_attention", cos, sin, (b, t), h)
+    call = jax.ffi.ffi_call(
+        PREFILL_TARGET,
+        (jax.ShapeDtypeStruct((b, t, n, h), jnp.float32), k, v),
+        input_output_aliases={3: 1, 4: 2},
+    )
+    return call(
+        q.astype(jnp.float32), k_new.astype(jnp.float32), v_new.astype(k.dtype), k, v,
+        jnp.asarray(index, jnp.int32), mask.astype(jnp.uint8), cos, sin,
         scale=np.float32(1.0 / math.sqrt(h)),
     )  # fmt: skip

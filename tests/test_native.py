@@ -111,6 +111,117 @@ def test_decode_attention_rejects_bad_operands():
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    "b,t,kv,g,h,s,index,dtype,kind",
+    [(1, 200, 3, 3, 64, 232, 0, "float32", "causal"), (2, 37, 2, 4, 80, 50, 0, "float32", "causal"),
+     (2, 33, 1, 1, 32, 40, 5, "float32", "random"), (3, 70, 3, 2, 17, 100, 20, "bfloat16", "random"),
+     (2, 64, 3, 3, 64, 96, 0, "bfloat16", "causal"), (1, 2, 1, 3, 8, 2, 0, "float32", "causal")],
+)  # fmt: skip
+def test_prefill_attention_equals_dot_attention(b, t, kv, g, h, s, index, dtype, kind):
+    """The prefill kernel against slice updates + lm.layers.dot_attention over the first E =
+    index + T slots: several token blocks and register tiles, ragged H (80, 17) and tiles,
+    grouped heads, left padding (padding tokens see no key: the mean of the values), random
+    masks, writes at an offset, and the caches it returns."""
+    from lm.layers import dot_attention
+
+    rng = np.random.default_rng(b * 7 + t)
+    q = jnp.asarray(rng.standard_normal((b, t, kv * g, h)) * 2, jnp.float32)
+    k_new = jnp.asarray(rng.standard_normal((b, t, kv, h)), jnp.float32)
+    v_new = jnp.asarray(rng.standard_normal((b, t, kv, h)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, kv, h, s)), dtype)
+    v = jnp.asarray(rng.standard_normal((b, kv, s, h)), dtype)
+    e = index + t
+    if kind == "causal":
+        pad = rng.integers(0, t // 2 + 1, b)
+        valid = np.arange(e)[None, :] >= pad[:, None]
+        mask = (np.arange(e)[None, None, :] <= index + np.arange(t)[None, :, None]) & valid[:, None]
+    else:
+        mask = rng.random((b, t, e)) < 0.6
+        mask[0, t // 2] = False
+    got, got_k, got_v = jax.jit(native.prefill_attention)(
+        q, k_new, v_new, k, v, jnp.int32(index), jnp.asarray(mask)
+    )
+    want_k = k.at[:, :, :, index : index + t].set(k_new.transpose(0, 2, 3, 1).astype(dtype))
+    want_v = v.at[:, :, index : index + t].set(v_new.transpose(0, 2, 1, 3).astype(dtype))
+    np.testing.assert_array_equal(np.asarray(got_k, np.float32), np.asarray(want_k, np.float32))
+    np.testing.assert_array_equal(np.asarray(got_v, np.float32), np.asarray(want_v, np.float32))
+    f32 = jnp.float32
+    want = dot_attention(
+        q, want_k[..., :e].astype(f32), want_v[:, :, :e].astype(f32), jnp.asarray(mask)[:, None]
+    )
+    assert got.shape == q.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=4e-6, rtol=4e-6)
+
+
+def test_prefill_attention_rejects_bad_operands():
+    q, m, i = jnp.ones((2, 4, 6, 8)), jnp.ones((2, 4, 5), bool), jnp.int32(0)
+    k, v, new = jnp.ones((2, 3, 8, 5)), jnp.ones((2, 3, 5, 8)), jnp.ones((2, 4, 3, 8))
+    with pytest.raises(ValueError, match="do not match"):
+        native.prefill_attention(q, new, new, k, v, i, jnp.ones((2, 4, 6), bool))
+    with pytest.raises(ValueError, match=r"\[B, KV, S, H\]"):
+        native.prefill_attention(q, new, new, k, k, i, m)
+    with pytest.raises(ValueError, match="new k"):
+        native.prefill_attention(q, new[:, :3], new, k, v, i, m)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        f16 = jnp.float16
+        native.prefill_attention(q, new, new, k.astype(f16), v.astype(f16), i, m)
+    with pytest.raises(ValueError, match=r"must both be \(2, 4, 4\)"):
+        native.prefill_attention(q, new, new, k, v, i, m, jnp.ones((2, 4, 4)), None)
+    with pytest.raises(ValueError, match=r"must both be \(2, 4\)"):
+        native.decode_attention(q[:, 0], new[:, 0], new[:, 0], k, v, i, m[:, 0], m[:, 0], m[:, 0])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kernel", ["decode", "prefill"])
+def test_attention_kernels_rotate_by_rope(kernel, dtype):
+    """Both attention kernels take un-rotated q and k plus the RoPE tables: against
+    lm.layers.apply_rope, then the slice updates and dot_attention (per-row angles, a ragged
+    half of 20 lanes)."""
+    from lm.layers import apply_rope, dot_attention, rope_angles
+
+    b, t, kv, g, h, s = 3, (1 if kernel == "decode" else 45), 2, 3, 40, 60
+    rng = np.random.default_rng(7)
+    q = jnp.asarray(rng.standard_normal((b, t, kv * g, h)), jnp.float32)
+    k_new = jnp.asarray(rng.standard_normal((b, t, kv, h)), jnp.float32)
+    v_new = jnp.asarray(rng.standard_normal((b, t, kv, h)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, kv, h, s)), dtype)
+    v = jnp.asarray(rng.standard_normal((b, kv, s, h)), dtype)
+    index = 7 if kernel == "decode" else 0
+    positions = jnp.asarray(rng.integers(0, 1000, (b, t)))
+    cos, sin = rope_angles(positions, 1.0 / 10000 ** (jnp.arange(h // 2) / (h // 2)))
+    e = index + t
+    width = s if kernel == "decode" else e  # the step sees the whole cache, the prefill E slots
+    causal = np.arange(width)[None, :] <= index + np.arange(t)[:, None]  # [T, width]
+    mask = jnp.asarray(np.broadcast_to(causal, (b, t, width)))
+    if kernel == "decode":
+        got, got_k, got_v = native.decode_attention(
+            q[:, 0], k_new[:, 0], v_new[:, 0], k, v, jnp.int32(index), mask[:, 0],
+            cos[:, 0], sin[:, 0],
+        )  # fmt: skip
+        got = got[:, None]
+    else:
+        got, got_k, got_v = native.prefill_attention(
+            q, k_new, v_new, k, v, jnp.int32(index), mask, cos, sin
+        )
+    q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k_new, cos, sin)
+    want_k = k.at[:, :, :, index:e].set(k_rot.transpose(0, 2, 3, 1).astype(dtype))
+    want_v = v.at[:, :, index:e].set(v_new.transpose(0, 2, 1, 3).astype(dtype))
+    # One rounding apart at most (a fused multiply-add against XLA's multiply and add).
+    tol = 1e-6 if dtype == "float32" else 8e-3
+    f32 = np.float32
+    np.testing.assert_allclose(np.asarray(got_k, f32), np.asarray(want_k, f32), rtol=tol, atol=tol)
+    np.testing.assert_array_equal(np.asarray(got_v, f32), np.asarray(want_v, f32))
+    want = dot_attention(
+        q_rot, got_k[..., :width].astype(jnp.float32), got_v[:, :, :width].astype(jnp.float32),
+        mask[:, None],
+    )  # fmt: skip
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=4e-6, rtol=4e-6)
+    # Not rotating would be far off: the test sees the rotation.
+    assert np.abs(np.asarray(q_rot) - np.asarray(q)).max() > 0.5
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype,rows", [("float32", 1), ("bfloat16", 1), ("float32", 12)])
 def test_decoding_through_the_kernel_equals_xla(dtype, rows, monkeypatch):
     from test_decode import random_model
@@ -119,7 +230,9 @@ def test_decoding_through_the_kernel_equals_xla(dtype, rows, monkeypatch):
 
     base_cfg, base_params = random_model("tiny")
     cfg, params = decode.prepare(base_cfg, base_params, dtype)
-    prompts = [[5, 7, 9, 11], [3, 6, 9, 12, 15, 18, 21]]
+    # Prompts of 4 and 45 tokens: a 64-token prefill (left padding, two of the prefill
+    # kernel's token blocks) and the steps after it.
+    prompts = [[5, 7, 9, 11], [(3 * i) % 120 + 1 for i in range(45)]]
     assert decode.matmul_impl(params) == "native"
     native_logits = _step_logits(decode, cfg.replace(matmul_impl="native"), params, rows)
     xla_logits = _step_logits(decode, cfg.replace(matmul_impl="xla"), params, rows)
