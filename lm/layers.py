@@ -278,7 +278,7 @@ class Attention(nn.Module):
     def __call__(
         self,
         x: Array,  # [B, T, D]
-        positions: Array,  # [B, T]
+        rope: tuple[Array, Array] | None,  # rope_angles: cos, sin [B, T, H/2]; None: no RoPE
         mask: Array,  # [B, 1, T, S] bool: may query t attend key s
         cache: dict | None = None,
         index: Array | None = None,
@@ -295,12 +295,11 @@ class Attention(nn.Module):
             kk = dense(cfg, k * h, ("embed", "kv"), "k", cfg.qkv_bias)(x, deterministic)
             v = dense(cfg, k * h, ("embed", "kv"), "v", cfg.qkv_bias)(x, deterministic)
         q, kk, v = q.reshape(b, t, n, h), kk.reshape(b, t, k, h), v.reshape(b, t, k, h)
-        angles = rope_angles(positions, rope_inv_freq(cfg)) if cfg.positions == "rope" else None
         if cache is not None and (kernel := self._native_kernel(q, cache["k"], mask, index)):
-            out, cache = kernel(q, kk, v, mask, cache, index, angles)
+            out, cache = kernel(q, kk, v, mask, cache, index, rope)
             return self._out(out.astype(q.dtype).reshape(b, t, n * h), deterministic), cache
-        if angles is not None:
-            q, kk = apply_rope(q, *angles), apply_rope(kk, *angles)
+        if rope is not None:
+            q, kk = apply_rope(q, *rope), apply_rope(kk, *rope)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", None))
         if cache is not None:
             out, cache = self._cached_attention(q, kk, v, mask, cache, index)

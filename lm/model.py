@@ -15,7 +15,18 @@ import jax.numpy as jnp
 
 from lm.config import ModelConfig
 from lm.dropout import Dropout
-from lm.layers import MLP, Attention, Dense, Embed, Norm, attention_mask, constrain, dtype_of
+from lm.layers import (
+    MLP,
+    Attention,
+    Dense,
+    Embed,
+    Norm,
+    attention_mask,
+    constrain,
+    dtype_of,
+    rope_angles,
+    rope_inv_freq,
+)
 
 Array = jax.Array
 
@@ -30,20 +41,20 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache=None, index=None, deterministic=True):
+    def __call__(self, x, rope, mask, cache=None, index=None, deterministic=True):
         cfg = self.cfg
         norm = functools.partial(Norm, cfg.norm, cfg.norm_eps, cfg.dtype, cfg.param_dtype)
         drop = Dropout(cfg.dropout_rate)
         attn = Attention(cfg, name="attn")
         mlp = MLP(cfg, name="mlp")
         if cfg.pre_norm:
-            a, cache = attn(norm(name="attn_norm")(x), positions, mask, cache, index, deterministic)
+            a, cache = attn(norm(name="attn_norm")(x), rope, mask, cache, index, deterministic)
             h = x + drop(a, deterministic=deterministic)
             out = h + drop(
                 mlp(norm(name="mlp_norm")(h), deterministic), deterministic=deterministic
             )
         else:
-            a, cache = attn(x, positions, mask, cache, index, deterministic)
+            a, cache = attn(x, rope, mask, cache, index, deterministic)
             h = norm(name="attn_norm")(x + drop(a, deterministic=deterministic))
             m = mlp(h, deterministic)
             out = norm(name="mlp_norm")(h + drop(m, deterministic=deterministic))
@@ -57,8 +68,8 @@ class _ScanBlock(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache, index):
-        return Block(self.cfg, name="block")(x, positions, mask, cache, index, self.deterministic)
+    def __call__(self, x, rope, mask, cache, index):
+        return Block(self.cfg, name="block")(x, rope, mask, cache, index, self.deterministic)
 
 
 def _remat_policy(name: str):
@@ -148,10 +159,10 @@ class Transformer(nn.Module):
             seg = segment_ids
             attn_mask = attention_mask(mask, cfg.causal, jnp.arange(t), seg, seg)
 
+        # RoPE's cosines and sines, once for all layers (None: learned or no positions).
+        rope = rope_angles(positions, rope_inv_freq(cfg)) if cfg.positions == "rope" else None
         if cfg.scan_layers:
-            x, new_layers = self._scanned_layers(
-                x, positions, attn_mask, cache, index, deterministic
-            )
+            x, new_layers = self._scanned_layers(x, rope, attn_mask, cache, index, deterministic)
         else:
             block_cls = Block
             if cfg.remat != "none":
@@ -160,7 +171,7 @@ class Transformer(nn.Module):
             for i in range(cfg.num_layers):
                 layer_cache = None if cache is None else cache["layers"][i]
                 x, layer_cache = block_cls(cfg, name=f"layers_{i}")(
-                    x, positions, attn_mask, layer_cache, index, deterministic
+                    x, rope, attn_mask, layer_cache, index, deterministic
                 )
                 new_layers.append(layer_cache)
         if cfg.final_norm:
@@ -176,7 +187,7 @@ class Transformer(nn.Module):
         out.update(self._head(x, mask, embed, deterministic))
         return out
 
-    def _scanned_layers(self, x, positions, attn_mask, cache, index, deterministic):
+    def _scanned_layers(self, x, rope, attn_mask, cache, index, deterministic):
         """All blocks as one ``nn.scan``: parameters stacked on a leading ``layers`` axis, one
         compiled block body (fast compiles for deep models; MaxText/levanter do the same)."""
         cfg = self.cfg
@@ -193,7 +204,7 @@ class Transformer(nn.Module):
         )
         layer_caches = None if cache is None else cache["layers"]
         x, new_caches = scanned(cfg, deterministic, name="layers")(
-            x, positions, attn_mask, layer_caches, index
+            x, rope, attn_mask, layer_caches, index
         )
         return x, new_caches
 

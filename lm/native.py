@@ -1,11 +1,12 @@
-"""Native CPU kernels for decoding (``lm/csrc/small_matmul.cc``): the few-row matrix products
-and the attention of one new token to the KV cache.
+"""Native CPU kernels for decoding (``lm/csrc/small_matmul.cc``): the few-row matrix products,
+the attention of one new token to the KV cache, and a prompt's attention (the prefill).
 
     from lm import native
     if native.available():
         y = native.small_matmul(x, w)          # x [M, K] f32, w [K, N] f32|bf16 -> [M, N] f32
         y = native.small_matmul(x, e, True)    # e [N, K]: the tied LM head, x @ e.T
-        o, k, v = native.decode_attention(q, k_new, v_new, k, v, index, mask)  # one step
+        o, k, v = native.decode_attention(q, k_new, v_new, k, v, index, mask, cos, sin)
+        o, k, v = native.prefill_attention(q, k_new, v_new, k, v, 0, mask, cos, sin)
 
 Why: a decoding step at batch 1 reads every weight once, so its speed is the rate at which
 the weights stream from memory. XLA:CPU widens bfloat16 weights through memory before its
@@ -18,9 +19,12 @@ rows, the old workaround). From 5 rows the kernel switches to register tiles of 
 columns: 16 rows of float32 at 12-13 GB/s against XLA's 10 (batch-16 SmolLM2 decoding,
 matmuls only through the kernel: 205-212 tok/s against 177 through XLA, same host phase);
 bfloat16 matmuls at 16 rows are no faster than XLA's (both ~160 tok/s before the attention
-step moved here too). Products of more than ``MAX_ROWS`` rows (a
-prompt's prefill) stay with XLA, whose GEMM reaches 130-140 GFLOP/s a core at 512 rows
-(``lm.layers.matmul``).
+step moved here too). Products of more than ``MAX_ROWS`` rows (a prompt's prefill) stay with
+XLA, whose GEMM reaches 100-140 GFLOP/s a core at 512 rows (``lm.layers.matmul``); a packed
+48-column panel kernel reached 108 in one thread, no better. The prefill's attention is here:
+through XLA's ops and copies it took a third of a 512-token SmolLM2 prefill (0.3 s of 0.9).
+Both attention kernels apply RoPE to q and k themselves (the tables come from
+``lm.layers.rope_angles``), which removes XLA's elementwise RoPE ops from every layer.
 
 The source is compiled on first use with the system C++ compiler against jaxlib's FFI headers
 (``-O3 -march=native``, about 6 s) into ``$LM_NATIVE_CACHE`` (default

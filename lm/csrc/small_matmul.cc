@@ -1,5 +1,5 @@
 // Small-batch matrix products for decoding on x86 CPUs with AVX-512, as an XLA FFI custom call
-// (and, at the end of the file, the attention of a decoding step to the KV cache).
+// (and, at the end of the file, attention through the KV cache: a decoding step, a prefill).
 //
 //   out[M, N] = x[M, K] @ W          W: [K, N] ("nn") or [N, K] ("nt", the tied LM head)
 //   out_i = x @ W_i                  several nn weights sharing x (q/k/v, gate/up), one call
