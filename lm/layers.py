@@ -363,23 +363,23 @@ class Attention(nn.Module):
         return jnp.einsum("bnts,bsnh->btnh", p.astype(v.dtype), v).astype(q.dtype)
 
 
-def _native_step(q, kk, v, mask, cache, index, angles):
+def _native_step(q, kk, v, mask, cache, index, rope):
     """One token per row (a decoding step): lm.native's kernel writes the new key and value
     into the cache and reads each row's keys and values once, instead of XLA's two slice
     updates, B * KV tiny products and five softmax ops."""
-    cos, sin = (a[:, 0] for a in angles) if angles is not None else (None, None)
+    cos, sin = (a[:, 0] for a in rope) if rope is not None else (None, None)
     out, ck, cv = native.decode_attention(
         q[:, 0], kk[:, 0], v[:, 0], cache["k"], cache["v"], index, mask[:, 0, 0], cos, sin
     )
     return out[:, None], {"k": ck, "v": cv}
 
 
-def _native_prefill(q, kk, v, mask, cache, index, angles):
+def _native_prefill(q, kk, v, mask, cache, index, rope):
     """A prompt into an empty cache: lm.native's kernel writes the keys and values and attends
     in cache-sized tiles, reading keys only up to each token's last visible one (through XLA's
     ops and copies, a third of a 512-token SmolLM2 prefill)."""
     t = q.shape[1]
-    cos, sin = angles if angles is not None else (None, None)
+    cos, sin = rope if rope is not None else (None, None)
     out, ck, cv = native.prefill_attention(
         q, kk, v, cache["k"], cache["v"], index, mask[:, 0, :, :t], cos, sin
     )
