@@ -76,8 +76,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of parameters
     # Training/eval attention: "xla" runs lm.layers.dot_attention (plain XLA ops; also what
-    # decoding through a KV cache runs), "cudnn" flash attention, "auto" lets
-    # jax.nn.dot_product_attention choose.
+    # decoding through a KV cache runs), "native" lm.native's fused CPU kernel with its
+    # gradient for short float32 sequences (one device; else as "xla"), "cudnn" flash
+    # attention, "auto" lets jax.nn.dot_product_attention choose.
     attention_impl: str = "xla"
     # Few-row products (decoding): "xla" or "native" (lm.native's CPU kernel; no gradient).
     # lm.decode picks "native" by itself where it is available; training leaves "xla".

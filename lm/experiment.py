@@ -38,6 +38,7 @@ from lm.config import PRESETS, ModelConfig
 DTYPES = ("float32", "bfloat16", "float16")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 SCHEDULES = ("linear", "cosine", "constant")
+ATTENTION_IMPLS = ("xla", "native", "cudnn", "auto")
 
 
 class ConfigError(ValueError):
@@ -235,6 +236,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     choice("task", config.task, TASKS)
     choice("model.dtype", config.model.dtype, (*DTYPES, "auto"))
     choice("model.param_dtype", config.model.param_dtype, DTYPES)
+    if config.model.attention_impl is not None:
+        choice("model.attention_impl", config.model.attention_impl, ATTENTION_IMPLS)
     choice("optim.schedule", config.optim.schedule, SCHEDULES)
     choice("data.too_long", config.data.too_long, ("truncate", "error"))
     if config.debug.profile_steps < 0:

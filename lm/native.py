@@ -1,5 +1,6 @@
-"""Native CPU kernels for decoding (``lm/csrc/small_matmul.cc``): the few-row matrix products,
-the attention of one new token to the KV cache, and a prompt's attention (the prefill).
+"""Native CPU kernels (``lm/csrc/small_matmul.cc``): for decoding, the few-row matrix products,
+the attention of one new token to the KV cache and a prompt's attention (the prefill); for
+training, attention with its gradient on short sequences (``attention_impl="native"``).
 
     from lm import native
     if native.available():
@@ -7,6 +8,7 @@ the attention of one new token to the KV cache, and a prompt's attention (the pr
         y = native.small_matmul(x, e, True)    # e [N, K]: the tied LM head, x @ e.T
         o, k, v = native.decode_attention(q, k_new, v_new, k, v, index, mask, cos, sin)
         o, k, v = native.prefill_attention(q, k_new, v_new, k, v, 0, mask, cos, sin)
+        o = native.train_attention(q, k, v, mask)   # differentiable, short float32 sequences
 
 Why: a decoding step at batch 1 reads every weight once, so its speed is the rate at which
 the weights stream from memory. XLA:CPU widens bfloat16 weights through memory before its
@@ -59,6 +61,10 @@ MAX_ROWS = 16
 TARGET = "lm_small_matmul"
 ATTENTION_TARGET = "lm_decode_attention"
 PREFILL_TARGET = "lm_prefill_attention"
+TRAIN_TARGETS = ("lm_train_attention_fwd", "lm_train_attention_bwd")
+# Training attention holds a task's [T * G, S] probabilities and copies in cache-sized
+# buffers: longer sequences stay with XLA (lm.layers.dot_attention).
+TRAIN_MAX_SCORES = 64 * 1024
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "small_matmul.cc")
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 
@@ -136,6 +142,8 @@ def available() -> bool:
         jax.ffi.register_ffi_target(
             PREFILL_TARGET, jax.ffi.pycapsule(lib.LmPrefillAttention), platform="cpu"
         )
+        for target, fn in zip(TRAIN_TARGETS, (lib.LmTrainAttentionFwd, lib.LmTrainAttentionBwd)):
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
     except (OSError, RuntimeError) as e:
         log.warning("lm.native: the kernels are unavailable, decoding uses XLA (%s)", e)
         return False
@@ -312,3 +320,70 @@ def prefill_attention(
         jnp.asarray(index, jnp.int32), mask.astype(jnp.uint8), cos, sin,
         scale=np.float32(1.0 / math.sqrt(h)),
     )  # fmt: skip
+
+
+def train_fits(q: jax.Array, k: jax.Array) -> bool:
+    """Whether training attention of q [B, T, N, H] over k [B, S, KV, H] belongs to the
+    kernel: float32, and at most TRAIN_MAX_SCORES scores per (row, KV head)."""
+    t, n = q.shape[1], q.shape[2]
+    s, kv = k.shape[1], k.shape[2]
+    return (
+        q.dtype == jnp.float32
+        and k.dtype == jnp.float32
+        and n % kv == 0
+        and t * (n // kv) * s <= TRAIN_MAX_SCORES
+    )
+
+
+@jax.custom_vjp
+def train_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention with its gradient, for training on short sequences (float32).
+
+    Args:
+        q: [B, T, N, H]; k, v: [B, S, KV, H] with N a multiple of KV (grouped heads).
+        mask: [B, 1, T, S] bool, true where query t may attend to key s.
+
+    Returns:
+        [B, T, N, H]: what lm.layers.dot_attention computes (to float32 rounding; a query that
+        sees no key averages the values there too). Call only when ``available()`` and
+        ``train_fits(q, k)``.
+    """
+    return _train_fwd(q, k, v, mask)[0]
+
+
+def _train_fwd(q, k, v, mask):
+    b, t, n, h = q.shape
+    if k.ndim != 4 or v.shape != k.shape or k.shape[0] != b or k.shape[3] != h:
+        raise ValueError(f"train_attention: q {q.shape}, k {k.shape} and v {v.shape} do not match")
+    if mask.shape != (b, 1, t, k.shape[1]):
+        raise ValueError(f"train_attention: mask {mask.shape}, want {(b, 1, t, k.shape[1])}")
+    call = jax.ffi.ffi_call(
+        TRAIN_TARGETS[0],
+        (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+         jax.ShapeDtypeStruct((b, n, t, k.shape[1]), jnp.float32)),
+    )  # fmt: skip
+    o, p = call(q, k, v, mask[:, 0].astype(jnp.uint8), scale=np.float32(1.0 / math.sqrt(h)))
+    return o, p
+
+
+def _train_fwd_rule(q, k, v, mask):
+    o, p = _train_fwd(q, k, v, mask)
+    return o, (q, k, v, mask, o, p)
+
+
+def _train_bwd_rule(res, do):
+    q, k, v, mask, o, p = res
+    call = jax.ffi.ffi_call(
+        TRAIN_TARGETS[1],
+        (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+         jax.ShapeDtypeStruct(k.shape, jnp.float32),
+         jax.ShapeDtypeStruct(v.shape, jnp.float32)),
+    )  # fmt: skip
+    dq, dk, dv = call(
+        q, k, v, mask[:, 0].astype(jnp.uint8), o, p, do.astype(jnp.float32),
+        scale=np.float32(1.0 / math.sqrt(q.shape[3])),
+    )  # fmt: skip
+    return dq, dk, dv, None
+
+
+train_attention.defvjp(_train_fwd_rule, _train_bwd_rule)

@@ -181,6 +181,10 @@ def test_config_errors_name_key_and_close_matches():
     with pytest.raises(ConfigError, match=r"'cosin' is not one of .*did you mean cosine"):
         validate(c)
     c = base_config()
+    c.model.attention_impl = "natve"
+    with pytest.raises(ConfigError, match=r"model.attention_impl='natve' is not one of .*native"):
+        validate(c)
+    c = base_config()
     c.train.typo_key = 3
     with pytest.raises(ConfigError, match=r"unknown config key 'train.typo_key'"):
         validate(c)

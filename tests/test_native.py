@@ -1,5 +1,6 @@
 """lm.native's small-matmul kernel against XLA's dot, and decoding through it."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -219,6 +220,89 @@ def test_attention_kernels_rotate_by_rope(kernel, dtype):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=4e-6, rtol=4e-6)
     # Not rotating would be far off: the test sees the rotation.
     assert np.abs(np.asarray(q_rot) - np.asarray(q)).max() > 0.5
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "b,t,n,kv,h,kind",
+    [(12, 64, 4, 4, 32, "causal"), (2, 37, 6, 2, 20, "padded"), (3, 16, 3, 1, 64, "packed"),
+     (2, 9, 2, 2, 8, "random")],
+)  # fmt: skip
+def test_train_attention_values_and_gradients(b, t, n, kv, h, kind):
+    """The training kernel against lm.layers.dot_attention, values and the gradients of q, k
+    and v: the Shakespeare shape, grouped heads with ragged H, right padding (padding queries
+    see no key), packed segments, random masks."""
+    from lm.layers import attention_mask, dot_attention
+
+    rng = np.random.default_rng(t)
+    q, k, v = (
+        jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        for shape in ((b, t, n, h), (b, t, kv, h), (b, t, kv, h))
+    )
+    w = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+    valid = np.arange(t)[None, :] < t - rng.integers(0, t // 3 + 1, b)[:, None]
+    seg = None
+    if kind == "packed":
+        seg = jnp.asarray(np.repeat(np.arange(4), -(-t // 4))[:t][None].repeat(b, 0))
+    if kind == "random":
+        mask = jnp.asarray(rng.random((b, 1, t, t)) < 0.5)
+    else:
+        pos = jnp.arange(t)
+        mask = attention_mask(jnp.asarray(valid if kind == "padded" else np.ones((b, t))), True,
+                              pos, seg, seg)  # fmt: skip
+
+    def loss(attend, q, k, v):
+        return jnp.sum(attend(q, k, v, mask) * w)
+
+    def ref(q, k, v, mask):
+        return dot_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
+
+    assert native.train_fits(q, k)
+    np.testing.assert_allclose(
+        np.asarray(native.train_attention(q, k, v, mask)), np.asarray(ref(q, k, v, mask)),
+        atol=3e-6, rtol=3e-6,
+    )  # fmt: skip
+    got = jax.jit(jax.grad(functools.partial(loss, native.train_attention), (0, 1, 2)))(q, k, v)
+    want = jax.grad(functools.partial(loss, ref), (0, 1, 2))(q, k, v)
+    for g, r in zip(got, want):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-5, rtol=2e-5)
+
+
+def test_train_attention_rejects_bad_operands_and_long_sequences():
+    q, k = jnp.ones((2, 4, 6, 8)), jnp.ones((2, 4, 3, 8))
+    with pytest.raises(ValueError, match="do not match"):
+        native.train_attention(q, k, k[..., :4], jnp.ones((2, 1, 4, 4), bool))
+    with pytest.raises(ValueError, match="mask"):
+        native.train_attention(q, k, k, jnp.ones((2, 1, 4, 5), bool))
+    long_q, long_k = jnp.ones((1, 1024, 4, 8)), jnp.ones((1, 1024, 4, 8))
+    assert not native.train_fits(long_q, long_k)  # 2^20 scores per task: XLA's
+    assert not native.train_fits(q.astype(jnp.bfloat16), k)
+
+
+@needs_kernel
+def test_training_through_the_native_attention_equals_xla():
+    """A tiny GPT's loss gradient with attention_impl="native" equals "xla" (and the kernel is
+    really in the compiled program)."""
+    import lm
+
+    cfg = lm.preset("tiny-gpt2")
+    params = lm.init_params(cfg, 0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 24)))
+    mask = jnp.ones_like(tokens).at[2, 20:].set(0)
+
+    def loss(cfg, params):
+        logits = lm.forward(cfg, params, tokens, mask=mask)["logits"]
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * mask)
+
+    native_cfg = cfg.replace(attention_impl="native")
+    grad = jax.jit(jax.grad(loss, 1), static_argnums=0)
+    assert native.TRAIN_TARGETS[1] in grad.lower(native_cfg, params).as_text()
+    got, want = grad(native_cfg, params), grad(cfg.replace(attention_impl="xla"), params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4),
+        got, want,
+    )  # fmt: skip
 
 
 @needs_kernel

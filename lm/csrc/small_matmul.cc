@@ -895,6 +895,241 @@ ffi::Error PrefillAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Training attention for short sequences (forward, and its gradient), float32.
+//
+//   o = softmax(q k^T * scale, mask) v       per (row, head); G query heads share a KV head
+//
+// Why: a small model's training step at T = 64 (the Shakespeare recipe: 4 heads of 32) spent
+// ~20 ms of ~70 in XLA's attention ops, each a pass over tiny tensors plus transposes. Here one
+// task takes a (row, KV head): its T*G query vectors, T keys and values are gathered into
+// contiguous buffers and every product is a small dense one held in registers (rows_times).
+// The forward returns the probabilities P as the residual of the backward:
+//   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),  dQ = dS K * scale,
+//   dK = dS^T Q * scale.
+
+// C[M, N] = alpha * A[M, L] @ B[L, N]; row strides lda, ldb, ldc.
+void gemm_small(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                int64_t M, int64_t L, int64_t N, float alpha) {
+  __m512 acc[kAttRows][4];
+  __mmask16 mk[4];
+  const __m512 al = _mm512_set1_ps(alpha);
+  for (int64_t m0 = 0; m0 < M; m0 += kAttRows) {
+    const int R = static_cast<int>(std::min<int64_t>(kAttRows, M - m0));
+    const float* a[kAttRows];
+    for (int r = 0; r < R; ++r) a[r] = A + (m0 + r) * lda;
+    for (int64_t n0 = 0; n0 < N; n0 += 64) {
+      for (int c = 0; c < 4; ++c) mk[c] = lane_mask(N - n0 - 16 * c);
+      switch (R) {
+        case 1: rows_times<float, 1>(a, L, B + n0, ldb, mk, acc); break;
+        case 2: rows_times<float, 2>(a, L, B + n0, ldb, mk, acc); break;
+        case 3: rows_times<float, 3>(a, L, B + n0, ldb, mk, acc); break;
+        case 4: rows_times<float, 4>(a, L, B + n0, ldb, mk, acc); break;
+        case 5: rows_times<float, 5>(a, L, B + n0, ldb, mk, acc); break;
+        default: rows_times<float, 6>(a, L, B + n0, ldb, mk, acc); break;
+      }
+      for (int r = 0; r < R; ++r) {
+        for (int c = 0; c < 4; ++c) {
+          _mm512_mask_storeu_ps(C + (m0 + r) * ldc + n0 + 16 * c, mk[c], _mm512_mul_ps(acc[r][c], al));
+        }
+      }
+    }
+  }
+}
+
+// dst[c, r] = src[r, c] for src [rows, cols] (row stride lds) into dst (row stride ldd).
+inline void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows,
+                      int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+// Shapes of a training-attention call: q [B, T, N, H], k and v [B, S, KV, H], mask [B, T, S].
+struct TrainAtt {
+  int64_t B, T, S, N, KV, G, H;
+  float scale;
+  int64_t R() const { return T * G; }  // query vectors per task, row r = t * G + g
+};
+
+// Gathers rows (t, g) of x [B, T, N, H] for row b, KV head kv into out [T * G, H] (or back).
+inline void gather_q(const TrainAtt& d, const float* x, float* out, int64_t b, int64_t kv) {
+  for (int64_t t = 0; t < d.T; ++t)
+    std::copy(x + ((b * d.T + t) * d.N + kv * d.G) * d.H,
+              x + ((b * d.T + t) * d.N + kv * d.G + d.G) * d.H, out + t * d.G * d.H);
+}
+inline void scatter_q(const TrainAtt& d, const float* in, float* x, int64_t b, int64_t kv) {
+  for (int64_t t = 0; t < d.T; ++t)
+    std::copy(in + t * d.G * d.H, in + (t + 1) * d.G * d.H,
+              x + ((b * d.T + t) * d.N + kv * d.G) * d.H);
+}
+// Rows s of x [B, S, KV, H] for (b, kv) into out [S, H] (or back).
+inline void gather_kv(const TrainAtt& d, const float* x, float* out, int64_t b, int64_t kv) {
+  for (int64_t s = 0; s < d.S; ++s)
+    std::copy(x + ((b * d.S + s) * d.KV + kv) * d.H, x + ((b * d.S + s) * d.KV + kv + 1) * d.H,
+              out + s * d.H);
+}
+inline void scatter_kv(const TrainAtt& d, const float* in, float* x, int64_t b, int64_t kv) {
+  for (int64_t s = 0; s < d.S; ++s)
+    std::copy(in + s * d.H, in + (s + 1) * d.H, x + ((b * d.S + s) * d.KV + kv) * d.H);
+}
+// P rows (t, g) of p [B, N, T, S] for (b, kv) <-> buf [T * G, S].
+inline void gather_p(const TrainAtt& d, const float* p, float* out, int64_t b, int64_t kv) {
+  for (int64_t t = 0; t < d.T; ++t)
+    for (int64_t g = 0; g < d.G; ++g)
+      std::copy(p + ((b * d.N + kv * d.G + g) * d.T + t) * d.S,
+                p + ((b * d.N + kv * d.G + g) * d.T + t + 1) * d.S, out + (t * d.G + g) * d.S);
+}
+inline void scatter_p(const TrainAtt& d, const float* in, float* p, int64_t b, int64_t kv) {
+  for (int64_t t = 0; t < d.T; ++t)
+    for (int64_t g = 0; g < d.G; ++g)
+      std::copy(in + (t * d.G + g) * d.S, in + (t * d.G + g + 1) * d.S,
+                p + ((b * d.N + kv * d.G + g) * d.T + t) * d.S);
+}
+
+// A thread's scratch of at least n floats, kept between calls: a task's buffers (~140 KB in
+// the backward pass) are past malloc's mmap threshold, and mapping and unmapping them for
+// every task cost more than the task's arithmetic.
+float* scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+void train_fwd_task(const TrainAtt& d, const float* q, const float* k, const float* v,
+                    const uint8_t* mask, float* o, float* p, int64_t b, int64_t kv) {
+  const int64_t R = d.R(), S = d.S, H = d.H;
+  float* qa = scratch(R * H * 2 + S * H * 3 + R * S);
+  float *oa = qa + R * H, *kt = oa + R * H, *vl = kt + S * H, *pa = vl + S * H, *kl = pa + R * S;
+  gather_q(d, q, qa, b, kv);
+  gather_kv(d, k, kl, b, kv);
+  transpose(kl, H, kt, S, S, H);  // K^T [H, S]
+  gather_kv(d, v, vl, b, kv);
+  gemm_small(qa, H, kt, S, pa, S, R, H, S, d.scale);
+  const __m512 lowest = _mm512_set1_ps(-3.4028235e38f);
+  for (int64_t r = 0; r < R; ++r) {
+    const uint8_t* mr = mask + (b * d.T + r / d.G) * S;
+    float* pr = pa + r * S;
+    for (int64_t s0 = 0; s0 < S; s0 += 16) {
+      const __mmask16 m = lane_mask(S - s0);
+      const __m128i m8 = _mm_maskz_loadu_epi8(m, mr + s0);
+      const __mmask16 seen = _mm_test_epi8_mask(m8, m8);
+      _mm512_mask_storeu_ps(pr + s0, m, _mm512_mask_blend_ps(seen, lowest, _mm512_maskz_loadu_ps(m, pr + s0)));
+    }
+    const float inv = softmax_row(pr, S);
+    for (int64_t s0 = 0; s0 < S; s0 += 16) {
+      const __mmask16 m = lane_mask(S - s0);
+      _mm512_mask_storeu_ps(pr + s0, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pr + s0), _mm512_set1_ps(inv)));
+    }
+  }
+  gemm_small(pa, S, vl, H, oa, H, R, S, H, 1.0f);
+  scatter_q(d, oa, o, b, kv);
+  scatter_p(d, pa, p, b, kv);
+}
+
+void train_bwd_task(const TrainAtt& d, const float* q, const float* k, const float* v,
+                    const uint8_t* mask, const float* o, const float* p, const float* dout,
+                    float* dq, float* dk, float* dv, int64_t b, int64_t kv) {
+  const int64_t R = d.R(), S = d.S, H = d.H;
+  float* qa = scratch(R * H * 4 + S * H * 5 + R * S * 2 + S * R * 2);
+  float* oa = qa + R * H;
+  float* doa = oa + R * H;
+  float* dqa = doa + R * H;
+  float* kl = dqa + R * H;
+  float* vl = kl + S * H;
+  float* vt = vl + S * H;
+  float* dkl = vt + S * H;
+  float* dvl = dkl + S * H;
+  float* pa = dvl + S * H;
+  float* ds = pa + R * S;
+  float* pt = ds + R * S;
+  float* dst = pt + S * R;
+  gather_q(d, q, qa, b, kv);
+  gather_q(d, o, oa, b, kv);
+  gather_q(d, dout, doa, b, kv);
+  gather_kv(d, k, kl, b, kv);
+  gather_kv(d, v, vl, b, kv);
+  transpose(vl, H, vt, S, S, H);  // V^T [H, S]
+  gather_p(d, p, pa, b, kv);
+  gemm_small(doa, H, vt, S, ds, S, R, H, S, 1.0f);  // dP = dO V^T
+  for (int64_t r = 0; r < R; ++r) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t h = 0; h < H; h += 16) {
+      const __mmask16 m = lane_mask(H - h);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, doa + r * H + h), _mm512_maskz_loadu_ps(m, oa + r * H + h), acc);
+    }
+    const __m512 D = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
+    const uint8_t* mr = mask + (b * d.T + r / d.G) * S;
+    for (int64_t s0 = 0; s0 < S; s0 += 16) {
+      const __mmask16 m = lane_mask(S - s0);
+      const __m128i m8 = _mm_maskz_loadu_epi8(m, mr + s0);
+      // Masked keys get no gradient, also in a row that sees no key (P uniform there).
+      const __mmask16 seen = _mm_test_epi8_mask(m8, m8);
+      const __m512 dp = _mm512_maskz_loadu_ps(m, ds + r * S + s0);
+      const __m512 pr = _mm512_maskz_loadu_ps(m, pa + r * S + s0);
+      _mm512_mask_storeu_ps(ds + r * S + s0, m, _mm512_maskz_mul_ps(seen, pr, _mm512_sub_ps(dp, D)));
+    }
+  }
+  gemm_small(ds, S, kl, H, dqa, H, R, S, H, d.scale);  // dQ = dS K * scale
+  transpose(ds, S, dst, R, R, S);
+  transpose(pa, S, pt, R, R, S);
+  gemm_small(dst, R, qa, H, dkl, H, S, R, H, d.scale);  // dK = dS^T Q * scale
+  gemm_small(pt, R, doa, H, dvl, H, S, R, H, 1.0f);     // dV = P^T dO
+  scatter_q(d, dqa, dq, b, kv);
+  scatter_kv(d, dkl, dk, b, kv);
+  scatter_kv(d, dvl, dv, b, kv);
+}
+
+ffi::Error train_shapes(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+                        const ffi::Buffer<ffi::F32>& v, TrainAtt* d) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) {
+    return ffi::Error::InvalidArgument("train_attention: q [B, T, N, H], k and v [B, S, KV, H]");
+  }
+  d->B = qd[0], d->T = qd[1], d->N = qd[2], d->H = qd[3], d->S = kd[1], d->KV = kd[2];
+  if (kd[0] != d->B || kd[3] != d->H || vd[0] != d->B || vd[1] != d->S || vd[2] != d->KV ||
+      vd[3] != d->H || d->KV == 0 || d->N % d->KV != 0) {
+    return ffi::Error::InvalidArgument("train_attention: operand shapes do not match");
+  }
+  d->G = d->N / d->KV;
+  return ffi::Error::Success();
+}
+
+ffi::Error TrainAttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                 ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                 ffi::Buffer<ffi::U8> mask, ffi::ResultBuffer<ffi::F32> o,
+                                 ffi::ResultBuffer<ffi::F32> p, float scale) {
+  TrainAtt d;
+  if (auto e = train_shapes(q, k, v, &d); e.failure()) return e;
+  d.scale = scale;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const uint8_t* mp = mask.typed_data();
+  float *op = o->typed_data(), *pp = p->typed_data();
+  parallel_for(pool, d.B * d.KV, [=](int64_t task) {
+    train_fwd_task(d, qp, kp, vp, mp, op, pp, task / d.KV, task % d.KV);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error TrainAttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                 ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                 ffi::Buffer<ffi::U8> mask, ffi::Buffer<ffi::F32> o,
+                                 ffi::Buffer<ffi::F32> p,
+                                 ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                                 ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                                 float scale) {
+  TrainAtt d;
+  if (auto e = train_shapes(q, k, v, &d); e.failure()) return e;
+  d.scale = scale;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const float *opp = o.typed_data(), *pp = p.typed_data(), *dop = dout.typed_data();
+  const uint8_t* mp = mask.typed_data();
+  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  parallel_for(pool, d.B * d.KV, [=](int64_t task) {
+    train_bwd_task(d, qp, kp, vp, mp, opp, pp, dop, dqp, dkp, dvp, task / d.KV, task % d.KV);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmSmallMatmul, SmallMatmulImpl,
@@ -937,4 +1172,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmPrefillAttention, PrefillAttentionImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmTrainAttentionFwd, TrainAttentionFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // mask [B, T, S]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // o
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // P [B, N, T, S]
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmTrainAttentionBwd, TrainAttentionBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // mask [B, T, S]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // o
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // P
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dO
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dv
                                   .Attr<float>("scale"));
