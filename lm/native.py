@@ -145,7 +145,7 @@ def available() -> bool:
         for target, fn in zip(TRAIN_TARGETS, (lib.LmTrainAttentionFwd, lib.LmTrainAttentionBwd)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
     except (OSError, RuntimeError) as e:
-        log.warning("lm.native: the kernels are unavailable, decoding uses XLA (%s)", e)
+        log.warning("lm.native: the kernels are unavailable, XLA runs their work (%s)", e)
         return False
     return True
 
