@@ -46,7 +46,7 @@ import optax
 import tqdm
 from jax.sharding import Mesh
 
-from lm import lora, sharding
+from lm import lora, memory, sharding
 from lm.config import ModelConfig
 from lm.metrics import confusion_scores
 from lm.model import Transformer
@@ -537,6 +537,7 @@ def run(config, workdir: str) -> dict:
     from lm.metrics import MetricWriter
 
     experiment.validate(config)
+    memory.keep_freed_memory()  # each step's buffers reused, not faulted in again (lm.memory)
     # Multi-process runs meet here (config.distributed, LM_* variables, SLURM/TPU detection),
     # before anything touches a device; a no-op on one process.
     from lm import distributed
