@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,26 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _summary_writer():
+    """tensorboardX's SummaryWriter class, imported without PyTorch.
+
+    tensorboardX imports torch at import time when it is installed (to accept its tensors), which
+    took 1.9 s of a training run's start; lm logs Python floats. With torch not yet imported it
+    is hidden for that one import (``sys.modules["torch"] = None`` makes ``import torch`` raise
+    ImportError) and restored at once, so later imports of torch work as usual.
+    """
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """Appends to ``workdir/metrics.jsonl`` and TensorBoard; plots ``curves.png`` on demand.
 
@@ -68,9 +89,7 @@ class MetricWriter:
         self._tb = None
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+                self._tb = _summary_writer()(os.path.join(workdir, "tb"))
             except ImportError:  # optional: metrics.jsonl is the record
                 self._tb = None
 
