@@ -41,6 +41,7 @@ def get_config(arg: str | None = None):
     # lm.native's fused attention + gradient (CPU, AVX-512; elsewhere the same as "xla"):
     # at T = 64 XLA's attention ops took ~20 ms of a ~64 ms step.
     config.model.attention_impl = "native"
+    config.model.block_impl = "native"
 
     config.data.kind = "chars"  # data.train_files unset: the bundled tiny Shakespeare
     config.data.max_len = 64

@@ -80,6 +80,11 @@ class ModelConfig:
     # gradient for short float32 sequences (one device; else as "xla"), "cudnn" flash
     # attention, "auto" lets jax.nn.dot_product_attention choose.
     attention_impl: str = "xla"
+    # Training/eval pre-norm blocks: "xla", or "native": lm.native's fused CPU calls with their
+    # gradients for norm + q/k/v projections and norm + MLP + residual (one each a layer),
+    # where they apply (float32; plain gelu_tanh/relu MLP; no q/k/v or MLP biases; no LoRA
+    # on those; no dropout in training; no KV cache; one device); elsewhere as "xla".
+    block_impl: str = "xla"
     # Few-row products (decoding): "xla" or "native" (lm.native's CPU kernel; no gradient).
     # lm.decode picks "native" by itself where it is available; training leaves "xla".
     matmul_impl: str = "xla"

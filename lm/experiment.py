@@ -39,6 +39,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 SCHEDULES = ("linear", "cosine", "constant")
 ATTENTION_IMPLS = ("xla", "native", "cudnn", "auto")
+BLOCK_IMPLS = ("xla", "native")
 
 
 class ConfigError(ValueError):
@@ -238,6 +239,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     choice("model.param_dtype", config.model.param_dtype, DTYPES)
     if config.model.attention_impl is not None:
         choice("model.attention_impl", config.model.attention_impl, ATTENTION_IMPLS)
+    if config.model.block_impl is not None:
+        choice("model.block_impl", config.model.block_impl, BLOCK_IMPLS)
     choice("optim.schedule", config.optim.schedule, SCHEDULES)
     choice("data.too_long", config.data.too_long, ("truncate", "error"))
     if config.debug.profile_steps < 0:

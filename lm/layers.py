@@ -283,11 +283,12 @@ class Attention(nn.Module):
         cache: dict | None = None,
         index: Array | None = None,
         deterministic: bool = True,
+        projected: tuple[Array, Array, Array] | None = None,  # q, k, v computed by the caller
     ) -> tuple[Array, dict | None]:
         cfg = self.cfg
         b, t, _ = x.shape
         n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        fused = native_projections(self, cfg, x, ("q", "k", "v"), cfg.qkv_bias)
+        fused = projected or native_projections(self, cfg, x, ("q", "k", "v"), cfg.qkv_bias)
         if fused:
             q, kk, v = fused
         else:
@@ -524,6 +525,60 @@ class MLP(nn.Module):
                 h = act(up)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         return dense(cfg, cfg.d_model, ("mlp", "embed"), "down", cfg.mlp_bias)(h, deterministic)
+
+
+def _native_block(module: nn.Module, cfg: ModelConfig, deterministic: bool, names) -> dict | None:
+    """The parameters of a pre-norm Block (``module``) for lm.native's fused training calls,
+    or None where they do not apply: ``block_impl`` not "native", initialization, decoding
+    (``matmul_impl="native"``), anything but float32, LoRA on one of the Dense ``names``,
+    dropout in training, or the kernels unavailable."""
+    if cfg.block_impl != "native" or module.is_initializing() or cfg.matmul_impl == "native":
+        return None
+    if (
+        cfg.norm not in native.MLP_NORMS
+        or cfg.dtype != "float32"
+        or cfg.param_dtype != "float32"
+        or (cfg.lora_rank and set(names) & set(cfg.lora_targets))
+        or (cfg.dropout_rate and not deterministic)
+        or not native.available()
+    ):
+        return None
+    return module.variables["params"]
+
+
+def native_qkv(module: nn.Module, cfg: ModelConfig, x: Array, deterministic: bool):
+    """q, k, v = attn_norm(x) @ [Wq Wk Wv] of a pre-norm Block in one lm.native call with its
+    gradient ([B, T, N*H], [B, T, K*H] twice), or None (see _native_block; also q/k/v biases
+    and attention dropout in training)."""
+    if cfg.qkv_bias or (cfg.attn_dropout_rate and not deterministic):
+        return None
+    p = _native_block(module, cfg, deterministic, ("q", "k", "v"))
+    if p is None:
+        return None
+    norm, attn = p["attn_norm"], p["attn"]
+    ws = [attn[n]["kernel"] for n in ("q", "k", "v")]
+    y = native.train_norm_dense(
+        x.astype(jnp.float32), norm["scale"], norm.get("bias"), jnp.concatenate(ws, axis=1),
+        cfg.norm, cfg.norm_eps,
+    )  # fmt: skip
+    nq, nk = ws[0].shape[1], ws[1].shape[1]
+    return y[..., :nq], y[..., nq : nq + nk], y[..., nq + nk :]
+
+
+def native_mlp_block(module: nn.Module, cfg: ModelConfig, x: Array, deterministic: bool):
+    """``x + mlp(mlp_norm(x))`` of a pre-norm Block in lm.native.train_mlp's fused call with
+    its gradient, or None (see _native_block; also a gated MLP, MLP biases, or an activation
+    the kernel lacks)."""
+    if cfg.mlp != "plain" or cfg.mlp_bias or cfg.activation not in native.MLP_ACTIVATIONS:
+        return None
+    p = _native_block(module, cfg, deterministic, ("up", "down"))
+    if p is None:
+        return None
+    norm, mlp = p["mlp_norm"], p["mlp"]
+    return native.train_mlp(
+        x.astype(jnp.float32), norm["scale"], norm.get("bias"), mlp["up"]["kernel"],
+        mlp["down"]["kernel"], cfg.norm, cfg.activation, cfg.norm_eps,
+    )  # fmt: skip
 
 
 def attention_mask(

@@ -24,6 +24,8 @@ from lm.layers import (
     attention_mask,
     constrain,
     dtype_of,
+    native_mlp_block,
+    native_qkv,
     rope_angles,
     rope_inv_freq,
 )
@@ -48,11 +50,18 @@ class Block(nn.Module):
         attn = Attention(cfg, name="attn")
         mlp = MLP(cfg, name="mlp")
         if cfg.pre_norm:
-            a, cache = attn(norm(name="attn_norm")(x), rope, mask, cache, index, deterministic)
+            qkv = None if cache is not None else native_qkv(self, cfg, x, deterministic)
+            if qkv is None:
+                x_in = norm(name="attn_norm")(x)
+            else:
+                x_in = x  # only its shape is read
+            a, cache = attn(x_in, rope, mask, cache, index, deterministic, projected=qkv)
             h = x + drop(a, deterministic=deterministic)
-            out = h + drop(
-                mlp(norm(name="mlp_norm")(h), deterministic), deterministic=deterministic
-            )
+            out = native_mlp_block(self, cfg, h, deterministic)
+            if out is None:
+                out = h + drop(
+                    mlp(norm(name="mlp_norm")(h), deterministic), deterministic=deterministic
+                )
         else:
             a, cache = attn(x, rope, mask, cache, index, deterministic)
             h = norm(name="attn_norm")(x + drop(a, deterministic=deterministic))

@@ -1,6 +1,8 @@
 """Native CPU kernels (``lm/csrc/small_matmul.cc``): for decoding, the few-row matrix products,
 the attention of one new token to the KV cache and a prompt's attention (the prefill); for
-training, attention with its gradient on short sequences (``attention_impl="native"``).
+training, attention with its gradient on short sequences (``attention_impl="native"``) and a
+pre-norm block's norm + q/k/v projections and norm + MLP + residual with their gradients
+(``block_impl="native"``).
 
     from lm import native
     if native.available():
@@ -9,6 +11,8 @@ training, attention with its gradient on short sequences (``attention_impl="nati
         o, k, v = native.decode_attention(q, k_new, v_new, k, v, index, mask, cos, sin)
         o, k, v = native.prefill_attention(q, k_new, v_new, k, v, 0, mask, cos, sin)
         o = native.train_attention(q, k, v, mask)   # differentiable, short float32 sequences
+        y = native.train_mlp(x, scale, bias, w1, w2, "layernorm", "gelu_tanh", 1e-5)
+        qkv = native.train_norm_dense(x, scale, bias, w_qkv, "layernorm", 1e-5)
 
 Why: a decoding step at batch 1 reads every weight once, so its speed is the rate at which
 the weights stream from memory. XLA:CPU widens bfloat16 weights through memory before its
@@ -62,6 +66,10 @@ TARGET = "lm_small_matmul"
 ATTENTION_TARGET = "lm_decode_attention"
 PREFILL_TARGET = "lm_prefill_attention"
 TRAIN_TARGETS = ("lm_train_attention_fwd", "lm_train_attention_bwd")
+MLP_TARGETS = ("lm_train_mlp_fwd", "lm_train_mlp_bwd")
+NORM_DENSE_TARGETS = ("lm_norm_dense_fwd", "lm_norm_dense_bwd")
+MLP_NORMS = ("layernorm", "rmsnorm")  # what train_mlp's kernel normalizes with
+MLP_ACTIVATIONS = ("gelu_tanh", "relu")
 # Training attention holds a task's [T * G, S] probabilities and copies in cache-sized
 # buffers: longer sequences stay with XLA (lm.layers.dot_attention).
 TRAIN_MAX_SCORES = 64 * 1024
@@ -142,7 +150,9 @@ def available() -> bool:
         jax.ffi.register_ffi_target(
             PREFILL_TARGET, jax.ffi.pycapsule(lib.LmPrefillAttention), platform="cpu"
         )
-        for target, fn in zip(TRAIN_TARGETS, (lib.LmTrainAttentionFwd, lib.LmTrainAttentionBwd)):
+        fns = (lib.LmTrainAttentionFwd, lib.LmTrainAttentionBwd, lib.LmTrainMlpFwd,
+               lib.LmTrainMlpBwd, lib.LmNormDenseFwd, lib.LmNormDenseBwd)  # fmt: skip
+        for target, fn in zip(TRAIN_TARGETS + MLP_TARGETS + NORM_DENSE_TARGETS, fns):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
     except (OSError, RuntimeError) as e:
         log.warning("lm.native: the kernels are unavailable, XLA runs their work (%s)", e)
@@ -387,3 +397,144 @@ def _train_bwd_rule(res, do):
 
 
 train_attention.defvjp(_train_fwd_rule, _train_bwd_rule)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def train_mlp(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array | None,
+    w1: jax.Array,
+    w2: jax.Array,
+    norm: str,
+    activation: str,
+    eps: float,
+) -> jax.Array:
+    """A pre-norm block's MLP half with its gradient (float32, no MLP biases):
+    ``x + act(norm(x) @ w1) @ w2``.
+
+    Args:
+        x: [..., D]; scale, bias: the norm's [D] parameters (bias None for RMSNorm);
+            w1: [D, F]; w2: [F, D].
+        norm: one of MLP_NORMS; activation: one of MLP_ACTIVATIONS; eps: the norm's epsilon.
+
+    Returns:
+        [..., D] float32: what lm.layers' Norm, MLP and the residual add compute, to float32
+        rounding. The gradient reaches x, scale, bias, w1 and w2: the kernel gives dx and the
+        per-row parts, XLA the weight products (xn^T dh, g^T dy) over all rows.
+    """
+    return _mlp_fwd(x, scale, bias, w1, w2, norm, activation, eps)[0]
+
+
+def _norm_check(name, x, scale, bias, norm, weights):
+    d = x.shape[-1]
+    if norm not in MLP_NORMS:
+        raise ValueError(f"{name}: norm {norm!r}; the kernel has {MLP_NORMS}")
+    if (norm == "layernorm") != (bias is not None):
+        raise ValueError(f"{name}: LayerNorm takes a bias, RMSNorm none")
+    if scale.shape != (d,) or (bias is not None and bias.shape != (d,)):
+        raise ValueError(f"{name}: x {x.shape} and the norm's scale {scale.shape} do not match")
+    arrays = (x, scale, *weights) + (() if bias is None else (bias,))
+    if any(a.dtype != jnp.float32 for a in arrays):
+        raise ValueError(f"{name}: x and the parameters must be float32")
+
+
+def _mlp_check(x, scale, bias, w1, w2, norm, activation):
+    _norm_check("train_mlp", x, scale, bias, norm, (w1, w2))
+    if activation not in MLP_ACTIVATIONS:
+        raise ValueError(f"train_mlp: activation {activation!r}; the kernel has {MLP_ACTIVATIONS}")
+    d = x.shape[-1]
+    if w1.ndim != 2 or w1.shape[0] != d or w2.shape != (w1.shape[1], d):
+        raise ValueError(
+            f"train_mlp: x {x.shape}, w1 {w1.shape} [D, F] and w2 {w2.shape} [F, D] do not match"
+        )
+
+
+def _mlp_fwd(x, scale, bias, w1, w2, norm, activation, eps):
+    _mlp_check(x, scale, bias, w1, w2, norm, activation)
+    x2 = x.reshape(-1, x.shape[-1])
+    m, (d, f) = x2.shape[0], w1.shape
+    rows = lambda n: jax.ShapeDtypeStruct((m, n), jnp.float32)  # noqa: E731
+    call = jax.ffi.ffi_call(
+        MLP_TARGETS[0],
+        (rows(d), rows(d), rows(d), rows(f), rows(f), jax.ShapeDtypeStruct((m,), jnp.float32)),
+    )
+    b = jnp.zeros_like(scale) if bias is None else bias
+    y, xhat, xn, h, g, rstd = call(
+        x2, scale, b, w1, w2,
+        eps=np.float32(eps), rms=norm == "rmsnorm", gelu=activation == "gelu_tanh",
+    )  # fmt: skip
+    return y.reshape(x.shape), (xhat, xn, h, g, rstd, scale, bias, w1, w2)
+
+
+def _mlp_bwd(norm, activation, eps, res, dy):
+    xhat, xn, h, g, rstd, scale, bias, w1, w2 = res
+    dy2 = dy.reshape(xhat.shape).astype(jnp.float32)
+    call = jax.ffi.ffi_call(
+        MLP_TARGETS[1],
+        (jax.ShapeDtypeStruct(xhat.shape, jnp.float32),
+         jax.ShapeDtypeStruct(h.shape, jnp.float32),
+         jax.ShapeDtypeStruct(xhat.shape, jnp.float32)),
+    )  # fmt: skip
+    dx, dh, dxn = call(
+        dy2, xhat, rstd, h, scale, w1.T, w2.T,
+        rms=norm == "rmsnorm", gelu=activation == "gelu_tanh",
+    )  # fmt: skip
+    over_rows = (((0,), (0,)), ((), ()))  # a^T b: [M, I] x [M, O] -> [I, O]
+    dw1 = jax.lax.dot_general(xn, dh, over_rows)
+    dw2 = jax.lax.dot_general(g, dy2, over_rows)
+    dscale = jnp.sum(dxn * xhat, axis=0)
+    dbias = None if bias is None else jnp.sum(dxn, axis=0)
+    return dx.reshape(dy.shape), dscale, dbias, dw1, dw2
+
+
+train_mlp.defvjp(
+    lambda x, scale, bias, w1, w2, norm, activation, eps: _mlp_fwd(
+        x, scale, bias, w1, w2, norm, activation, eps
+    ),
+    _mlp_bwd,
+)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def train_norm_dense(
+    x: jax.Array, scale: jax.Array, bias: jax.Array | None, w: jax.Array, norm: str, eps: float
+) -> jax.Array:
+    """``norm(x) @ w`` with its gradient (float32, no bias on the product): a pre-norm block's
+    q/k/v projections in one call, w = [Wq Wk Wv] ([D, N]); returns [..., N].
+
+    As train_mlp's first half; see there for the arguments."""
+    return _norm_dense_fwd(x, scale, bias, w, norm, eps)[0]
+
+
+def _norm_dense_fwd(x, scale, bias, w, norm, eps):
+    _norm_check("train_norm_dense", x, scale, bias, norm, (w,))
+    if w.ndim != 2 or w.shape[0] != x.shape[-1]:
+        raise ValueError(f"train_norm_dense: x {x.shape} and w {w.shape} [D, N] do not match")
+    x2 = x.reshape(-1, x.shape[-1])
+    m, (d, n) = x2.shape[0], w.shape
+    rows = lambda k: jax.ShapeDtypeStruct((m, k), jnp.float32)  # noqa: E731
+    call = jax.ffi.ffi_call(
+        NORM_DENSE_TARGETS[0], (rows(n), rows(d), rows(d), jax.ShapeDtypeStruct((m,), jnp.float32))
+    )
+    b = jnp.zeros_like(scale) if bias is None else bias
+    y, xhat, xn, rstd = call(x2, scale, b, w, eps=np.float32(eps), rms=norm == "rmsnorm")
+    return y.reshape(*x.shape[:-1], n), (xhat, xn, rstd, scale, bias, w)
+
+
+def _norm_dense_bwd(norm, eps, res, dy):
+    xhat, xn, rstd, scale, bias, w = res
+    dy2 = dy.reshape(-1, w.shape[1]).astype(jnp.float32)
+    call = jax.ffi.ffi_call(
+        NORM_DENSE_TARGETS[1],
+        (jax.ShapeDtypeStruct(xhat.shape, jnp.float32),
+         jax.ShapeDtypeStruct(xhat.shape, jnp.float32)),
+    )  # fmt: skip
+    dx, dxn = call(dy2, xhat, rstd, scale, w.T, rms=norm == "rmsnorm")
+    dw = jax.lax.dot_general(xn, dy2, (((0,), (0,)), ((), ())))
+    dscale = jnp.sum(dxn * xhat, axis=0)
+    dbias = None if bias is None else jnp.sum(dxn, axis=0)
+    return dx.reshape(*dy.shape[:-1], xhat.shape[1]), dscale, dbias, dw
+
+
+train_norm_dense.defvjp(_norm_dense_fwd, _norm_dense_bwd)

@@ -185,6 +185,10 @@ def test_config_errors_name_key_and_close_matches():
     with pytest.raises(ConfigError, match=r"model.attention_impl='natve' is not one of .*native"):
         validate(c)
     c = base_config()
+    c.model.block_impl = "nativ"
+    with pytest.raises(ConfigError, match=r"model.block_impl='nativ' is not one of .*native"):
+        validate(c)
+    c = base_config()
     c.train.typo_key = 3
     with pytest.raises(ConfigError, match=r"unknown config key 'train.typo_key'"):
         validate(c)

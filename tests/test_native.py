@@ -280,14 +280,10 @@ def test_train_attention_rejects_bad_operands_and_long_sequences():
     assert not native.train_fits(q.astype(jnp.bfloat16), k)
 
 
-@needs_kernel
-def test_training_through_the_native_attention_equals_xla():
-    """A tiny GPT's loss gradient with attention_impl="native" equals "xla" (and the kernel is
-    really in the compiled program)."""
+def _tiny_batch_loss(cfg):
+    """loss(cfg, params) of one fixed batch of 3 x 24 tokens, the last row padded from 20."""
     import lm
 
-    cfg = lm.preset("tiny-gpt2")
-    params = lm.init_params(cfg, 0)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 24)))
     mask = jnp.ones_like(tokens).at[2, 20:].set(0)
 
@@ -295,6 +291,17 @@ def test_training_through_the_native_attention_equals_xla():
         logits = lm.forward(cfg, params, tokens, mask=mask)["logits"]
         return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * mask)
 
+    return loss
+
+
+@needs_kernel
+def test_training_through_the_native_attention_equals_xla():
+    """A tiny GPT's loss gradient with attention_impl="native" equals "xla" (and the kernel is
+    really in the compiled program)."""
+    import lm
+
+    cfg = lm.preset("tiny-gpt2")
+    params, loss = lm.init_params(cfg, 0), _tiny_batch_loss(cfg)
     native_cfg = cfg.replace(attention_impl="native")
     grad = jax.jit(jax.grad(loss, 1), static_argnums=0)
     assert native.TRAIN_TARGETS[1] in grad.lower(native_cfg, params).as_text()
@@ -303,6 +310,138 @@ def test_training_through_the_native_attention_equals_xla():
         lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4),
         got, want,
     )  # fmt: skip
+
+
+def _norm_ref(x, scale, bias, norm, eps=1e-5):
+    from lm.layers import Norm
+
+    params = {"scale": scale} if bias is None else {"scale": scale, "bias": bias}
+    return Norm(norm, eps).apply({"params": params}, x)
+
+
+def _mlp_ref(x, scale, bias, w1, w2, norm, act, eps):
+    from lm.layers import activation
+
+    return x + activation(act)(_norm_ref(x, scale, bias, norm, eps) @ w1) @ w2
+
+
+def _block_operands(shape, d, f, norm, seed):
+    k = jax.random.split(jax.random.PRNGKey(seed), 6)
+    x = jax.random.normal(k[0], (*shape, d)) * 2 + 0.5
+    scale = 1 + 0.1 * jax.random.normal(k[1], (d,))
+    bias = None if norm == "rmsnorm" else 0.1 * jax.random.normal(k[2], (d,))
+    w1 = jax.random.normal(k[3], (d, f)) / np.sqrt(d)
+    w2 = jax.random.normal(k[4], (f, d)) / np.sqrt(f)
+    return x, scale, bias, w1, w2, k[5]
+
+
+def _assert_grads_close(got, want, rtol=2e-6):
+    for g, w in zip(got, want, strict=True):
+        scale = float(jnp.abs(w).max())
+        assert float(jnp.abs(g - w).max()) <= rtol * max(scale, 1.0), (g, w)
+
+
+# (leading shape, D, F, norm, activation): the Shakespeare layer (768 rows, 16 tasks of 48),
+# ragged row tasks (35, 150 rows), D and F off the 16-lane and 64-column tiles.
+MLP_CASES = [
+    ((12, 64), 128, 512, "layernorm", "gelu_tanh"),
+    ((5, 7), 40, 72, "rmsnorm", "relu"),
+    ((3, 50), 33, 100, "layernorm", "relu"),
+    ((2, 9), 20, 30, "rmsnorm", "gelu_tanh"),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape,d,f,norm,act", MLP_CASES)
+def test_train_mlp_and_its_gradient_equal_xla(shape, d, f, norm, act):
+    x, scale, bias, w1, w2, kc = _block_operands(shape, d, f, norm, d)
+    ct = jax.random.normal(kc, x.shape)
+    fn = jax.jit(native.train_mlp, static_argnums=(5, 6, 7))
+    got = fn(x, scale, bias, w1, w2, norm, act, 1e-5)
+    want = _mlp_ref(x, scale, bias, w1, w2, norm, act, 1e-5)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-6, rtol=1e-5)
+
+    def loss(f):
+        return lambda x, s, b, w1, w2: jnp.sum(f(x, s, b, w1, w2, norm, act, 1e-5) * ct)
+
+    argnums = (0, 1, 3, 4) if bias is None else (0, 1, 2, 3, 4)
+    got = jax.jit(jax.grad(loss(native.train_mlp), argnums))(x, scale, bias, w1, w2)
+    want = jax.jit(jax.grad(loss(_mlp_ref), argnums))(x, scale, bias, w1, w2)
+    _assert_grads_close(got, want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape,d,n,norm", [((12, 64), 128, 384, "layernorm"),
+                                            ((5, 7), 40, 72, "rmsnorm"),
+                                            ((3, 50), 33, 100, "layernorm")])  # fmt: skip
+def test_train_norm_dense_and_its_gradient_equal_xla(shape, d, n, norm):
+    x, scale, bias, w, _, kc = _block_operands(shape, d, n, norm, d + 1)
+    ct = jax.random.normal(kc, (*shape, n))
+    got = jax.jit(native.train_norm_dense, static_argnums=(4, 5))(x, scale, bias, w, norm, 1e-5)
+    want = _norm_ref(x, scale, bias, norm) @ w
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-6, rtol=1e-5)
+
+    def loss(f):
+        return lambda x, s, b, w: jnp.sum(f(x, s, b, w) * ct)
+
+    def ref(x, s, b, w):
+        return _norm_ref(x, s, b, norm) @ w
+
+    def kernel(x, s, b, w):
+        return native.train_norm_dense(x, s, b, w, norm, 1e-5)
+
+    argnums = (0, 1, 3) if bias is None else (0, 1, 2, 3)
+    got = jax.jit(jax.grad(loss(kernel), argnums))(x, scale, bias, w)
+    want = jax.jit(jax.grad(loss(ref), argnums))(x, scale, bias, w)
+    _assert_grads_close(got, want)
+
+
+def test_train_mlp_rejects_bad_operands():
+    x, scale, bias, w1, w2, _ = _block_operands((2, 3), 8, 16, "layernorm", 0)
+    with pytest.raises(ValueError, match="activation 'silu'"):
+        native.train_mlp(x, scale, bias, w1, w2, "layernorm", "silu", 1e-5)
+    with pytest.raises(ValueError, match="RMSNorm none"):
+        native.train_mlp(x, scale, bias, w1, w2, "rmsnorm", "relu", 1e-5)
+    with pytest.raises(ValueError, match=r"w1 \(8, 16\) \[D, F\] and w2 \(8, 16\)"):
+        native.train_mlp(x, scale, bias, w1, w1, "layernorm", "relu", 1e-5)
+    with pytest.raises(ValueError, match="float32"):
+        native.train_mlp(x.astype(jnp.bfloat16), scale, bias, w1, w2, "layernorm", "relu", 1e-5)
+    with pytest.raises(ValueError, match="x .* and w .* do not match"):
+        native.train_norm_dense(x, scale, bias, w2, "layernorm", 1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "preset,changes",
+    [
+        # GPT-2 without biases (the Shakespeare recipe's blocks): LayerNorm, gelu_tanh.
+        ("tiny-gpt2", dict(qkv_bias=False, out_bias=False, mlp_bias=False)),
+        # RMSNorm + RoPE (rotated after the fused projection), ReLU, layers scanned.
+        ("tiny", dict(mlp="plain", activation="relu", scan_layers=True)),
+    ],
+)
+def test_training_through_native_blocks_equals_xla(preset, changes):
+    """A tiny model's loss gradient with block_impl="native" equals "xla", with both fused
+    calls in the compiled program; where a block does not fit (GPT-2's biases) the program
+    holds neither and the gradient is XLA's."""
+    import lm
+
+    cfg = lm.preset(preset).replace(**changes)
+    params, loss = lm.init_params(cfg, 0), _tiny_batch_loss(cfg)
+    grad = jax.jit(jax.value_and_grad(loss, 1), static_argnums=0)
+    native_cfg = cfg.replace(block_impl="native")
+    hlo = grad.lower(native_cfg, params).as_text()
+    for target in native.MLP_TARGETS + native.NORM_DENSE_TARGETS:
+        assert target in hlo
+    (got_loss, got), (want_loss, want) = grad(native_cfg, params), grad(cfg, params)
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4),
+        got, want,
+    )  # fmt: skip
+    with_biases = lm.preset("tiny-gpt2").replace(block_impl="native")
+    hlo = grad.lower(with_biases, lm.init_params(with_biases, 0)).as_text()
+    assert not any(t in hlo for t in native.MLP_TARGETS + native.NORM_DENSE_TARGETS)
 
 
 @needs_kernel
