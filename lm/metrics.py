@@ -129,16 +129,18 @@ def plot_curves(jsonl: str, out: str, metric: str = "eval/accuracy") -> str | No
     rows = read_jsonl(jsonl)
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object API with the Agg canvas, not pyplot: importing pyplot (its backend machinery)
+    # took 1.0 s of a run's 1.7 s plot; nothing here needs a window.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     def series(key):
         pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
         return zip(*pts, strict=True) if pts else ((), ())
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
     for key in ("train/loss", "eval/loss"):
         xs, ys = series(key)
         if xs:
@@ -157,5 +159,4 @@ def plot_curves(jsonl: str, out: str, metric: str = "eval/accuracy") -> str | No
         ax2.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=80)
-    plt.close(fig)
     return out
