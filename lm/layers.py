@@ -535,7 +535,7 @@ def _native_block(module: nn.Module, cfg: ModelConfig, deterministic: bool, name
     if cfg.block_impl != "native" or module.is_initializing() or cfg.matmul_impl == "native":
         return None
     if (
-        cfg.norm not in native.MLP_NORMS
+        cfg.norm not in native.BLOCK_NORMS
         or cfg.dtype != "float32"
         or cfg.param_dtype != "float32"
         or (cfg.lora_rank and set(names) & set(cfg.lora_targets))

@@ -68,7 +68,7 @@ PREFILL_TARGET = "lm_prefill_attention"
 TRAIN_TARGETS = ("lm_train_attention_fwd", "lm_train_attention_bwd")
 MLP_TARGETS = ("lm_train_mlp_fwd", "lm_train_mlp_bwd")
 NORM_DENSE_TARGETS = ("lm_norm_dense_fwd", "lm_norm_dense_bwd")
-MLP_NORMS = ("layernorm", "rmsnorm")  # what train_mlp's kernel normalizes with
+BLOCK_NORMS = ("layernorm", "rmsnorm")  # what train_mlp's and train_norm_dense's kernels use
 MLP_ACTIVATIONS = ("gelu_tanh", "relu")
 # Training attention holds a task's [T * G, S] probabilities and copies in cache-sized
 # buffers: longer sequences stay with XLA (lm.layers.dot_attention).
@@ -399,6 +399,16 @@ def _train_bwd_rule(res, do):
 train_attention.defvjp(_train_fwd_rule, _train_bwd_rule)
 
 
+def _over_rows(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a^T b for a [M, I], b [M, O]: a weight's gradient summed over all rows (XLA's GEMM)."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())))
+
+
+def _norm_param_grads(dxn, xhat, bias):
+    """The norm's scale and bias gradients from d(xn) and xhat, both [M, D]."""
+    return jnp.sum(dxn * xhat, axis=0), None if bias is None else jnp.sum(dxn, axis=0)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def train_mlp(
     x: jax.Array,
@@ -416,7 +426,7 @@ def train_mlp(
     Args:
         x: [..., D]; scale, bias: the norm's [D] parameters (bias None for RMSNorm);
             w1: [D, F]; w2: [F, D].
-        norm: one of MLP_NORMS; activation: one of MLP_ACTIVATIONS; eps: the norm's epsilon.
+        norm: one of BLOCK_NORMS; activation: one of MLP_ACTIVATIONS; eps: the norm's epsilon.
 
     Returns:
         [..., D] float32: what lm.layers' Norm, MLP and the residual add compute, to float32
@@ -428,8 +438,8 @@ def train_mlp(
 
 def _norm_check(name, x, scale, bias, norm, weights):
     d = x.shape[-1]
-    if norm not in MLP_NORMS:
-        raise ValueError(f"{name}: norm {norm!r}; the kernel has {MLP_NORMS}")
+    if norm not in BLOCK_NORMS:
+        raise ValueError(f"{name}: norm {norm!r}; the kernel has {BLOCK_NORMS}")
     if (norm == "layernorm") != (bias is not None):
         raise ValueError(f"{name}: LayerNorm takes a bias, RMSNorm none")
     if scale.shape != (d,) or (bias is not None and bias.shape != (d,)):
@@ -477,23 +487,14 @@ def _mlp_bwd(norm, activation, eps, res, dy):
          jax.ShapeDtypeStruct(xhat.shape, jnp.float32)),
     )  # fmt: skip
     dx, dh, dxn = call(
-        dy2, xhat, rstd, h, scale, w1.T, w2.T,
+        dy2, xhat, rstd, h, scale, w1, w2,
         rms=norm == "rmsnorm", gelu=activation == "gelu_tanh",
     )  # fmt: skip
-    over_rows = (((0,), (0,)), ((), ()))  # a^T b: [M, I] x [M, O] -> [I, O]
-    dw1 = jax.lax.dot_general(xn, dh, over_rows)
-    dw2 = jax.lax.dot_general(g, dy2, over_rows)
-    dscale = jnp.sum(dxn * xhat, axis=0)
-    dbias = None if bias is None else jnp.sum(dxn, axis=0)
-    return dx.reshape(dy.shape), dscale, dbias, dw1, dw2
+    dscale, dbias = _norm_param_grads(dxn, xhat, bias)
+    return dx.reshape(dy.shape), dscale, dbias, _over_rows(xn, dh), _over_rows(g, dy2)
 
 
-train_mlp.defvjp(
-    lambda x, scale, bias, w1, w2, norm, activation, eps: _mlp_fwd(
-        x, scale, bias, w1, w2, norm, activation, eps
-    ),
-    _mlp_bwd,
-)
+train_mlp.defvjp(_mlp_fwd, _mlp_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -530,11 +531,9 @@ def _norm_dense_bwd(norm, eps, res, dy):
         (jax.ShapeDtypeStruct(xhat.shape, jnp.float32),
          jax.ShapeDtypeStruct(xhat.shape, jnp.float32)),
     )  # fmt: skip
-    dx, dxn = call(dy2, xhat, rstd, scale, w.T, rms=norm == "rmsnorm")
-    dw = jax.lax.dot_general(xn, dy2, (((0,), (0,)), ((), ())))
-    dscale = jnp.sum(dxn * xhat, axis=0)
-    dbias = None if bias is None else jnp.sum(dxn, axis=0)
-    return dx.reshape(*dy.shape[:-1], xhat.shape[1]), dscale, dbias, dw
+    dx, dxn = call(dy2, xhat, rstd, scale, w, rms=norm == "rmsnorm")
+    dscale, dbias = _norm_param_grads(dxn, xhat, bias)
+    return dx.reshape(*dy.shape[:-1], xhat.shape[1]), dscale, dbias, _over_rows(xn, dy2)
 
 
 train_norm_dense.defvjp(_norm_dense_fwd, _norm_dense_bwd)
