@@ -195,6 +195,16 @@ class Linger {
   std::atomic<int64_t> lingering_{0};
 };
 
+// A thread's scratch of at least n floats, kept between calls, for every task's buffers: the
+// training-attention backward pass's (~140 KB) are past malloc's mmap threshold, and mapping
+// and unmapping them for every task cost more than the task's arithmetic. Slot 1 holds a
+// call's transposed weights (on the calling thread) while its tasks use slot 0.
+float* scratch(size_t n, int slot = 0) {
+  thread_local std::vector<float> buf[2];
+  if (buf[slot].size() < n) buf[slot].resize(n);
+  return buf[slot].data();
+}
+
 void parallel_for(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64_t)> fn) {
   static Linger* linger = new Linger();  // leaked on purpose: helpers may outlive any caller
   const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, chunks - 1);
@@ -585,8 +595,7 @@ void step_task(const float* q, const float* k_new, const void* v_new, int64_t ne
                void* v, int64_t kv_off, const uint8_t* mask, float* out, int64_t G, int64_t H,
                int64_t S, int64_t slot, float scale, const float* c, const float* sn,
                int64_t half) {
-  std::unique_ptr<float[]> buf(new float[(G + 1) * H + G * S]);
-  float* qr = buf.get();
+  float* qr = scratch((G + 1) * H + G * S);
   float* kr = qr + G * H;
   for (int64_t g = 0; g < G; ++g) rope(q + g * H, c, sn, H, half, qr + g * H);
   rope(k_new + new_off, c, sn, H, half, kr);
@@ -763,8 +772,8 @@ template <typename T>
 void prefill_task(const Prefill& d, const float* q, const uint8_t* mask, const T* k, const T* v,
                   float* out, int64_t b, int64_t kv, int64_t t0, int64_t t1) {
   const int64_t ld = (d.E + 15) / 16 * 16;
-  std::unique_ptr<float[]> sc(new float[kAttRows * (ld + d.H)]);
-  float* qbuf = sc.get() + kAttRows * ld;  // the tile's queries after RoPE
+  float* sc = scratch(kAttRows * (ld + d.H));
+  float* qbuf = sc + kAttRows * ld;  // the tile's queries after RoPE
   const T* kb = k + (b * d.KV + kv) * d.H * d.S;
   const T* vb = v + (b * d.KV + kv) * d.S * d.H;
   const int64_t total = (t1 - t0) * d.G;
@@ -789,12 +798,12 @@ void prefill_task(const Prefill& d, const float* q, const uint8_t* mask, const T
     }
     if (blind) e = d.E;
     switch (R) {
-      case 1: tile_attend<T, 1>(qr, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc.get(), ld); break;
-      case 2: tile_attend<T, 2>(qr, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc.get(), ld); break;
-      case 3: tile_attend<T, 3>(qr, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc.get(), ld); break;
-      case 4: tile_attend<T, 4>(qr, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc.get(), ld); break;
-      case 5: tile_attend<T, 5>(qr, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc.get(), ld); break;
-      default: tile_attend<T, 6>(qr, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc.get(), ld); break;
+      case 1: tile_attend<T, 1>(qr, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 2: tile_attend<T, 2>(qr, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 3: tile_attend<T, 3>(qr, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 4: tile_attend<T, 4>(qr, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 5: tile_attend<T, 5>(qr, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      default: tile_attend<T, 6>(qr, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
     }
   }
 }
@@ -806,11 +815,11 @@ void prefill_write(const Prefill& d, const float* k_new, const T* v_new, T* k, T
                    int64_t kv) {
   T* kb = k + (b * d.KV + kv) * d.H * d.S + d.index;
   T* vb = v + ((b * d.KV + kv) * d.S + d.index) * d.H;
-  std::unique_ptr<float[]> kr(new float[d.H]);
+  float* kr = scratch(d.H);
   for (int64_t t = 0; t < d.T; ++t) {
     const int64_t off = ((b * d.T + t) * d.KV + kv) * d.H;
     const int64_t bt = (b * d.T + t) * d.half;
-    rope(k_new + off, d.cos + bt, d.sin + bt, d.H, d.half, kr.get());
+    rope(k_new + off, d.cos + bt, d.sin + bt, d.H, d.half, kr);
     for (int64_t h = 0; h < d.H; ++h) store_as(kb + h * d.S + t, kr[h]);
     std::copy(v_new + off, v_new + off + d.H, vb + t * d.H);
   }
@@ -991,16 +1000,6 @@ inline void scatter_p(const TrainAtt& d, const float* in, float* p, int64_t b, i
     for (int64_t g = 0; g < d.G; ++g)
       std::copy(in + (t * d.G + g) * d.S, in + (t * d.G + g + 1) * d.S,
                 p + ((b * d.N + kv * d.G + g) * d.T + t) * d.S);
-}
-
-// A thread's scratch of at least n floats, kept between calls: a task's buffers (~140 KB in
-// the backward pass) are past malloc's mmap threshold, and mapping and unmapping them for
-// every task cost more than the task's arithmetic.
-// Slot 1 holds a call's transposed weights (on the calling thread) while its tasks use slot 0.
-float* scratch(size_t n, int slot = 0) {
-  thread_local std::vector<float> buf[2];
-  if (buf[slot].size() < n) buf[slot].resize(n);
-  return buf[slot].data();
 }
 
 void train_fwd_task(const TrainAtt& d, const float* q, const float* k, const float* v,
