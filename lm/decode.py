@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import memory, native
+from lm import native
 from lm.config import ModelConfig
 from lm.layers import dtype_of
 from lm.model import Transformer, init_cache
@@ -97,7 +97,6 @@ def prepare(cfg: ModelConfig, params, dtype: str | None = None) -> tuple[ModelCo
     """
     if cfg.head != "lm":
         raise DecodeError(f"decoding needs a model with an LM head; this one has head={cfg.head!r}")
-    memory.keep_freed_memory()  # a prefill's buffers reused, not faulted in again (lm.memory)
     if not cfg.causal:
         raise DecodeError(f"decoding needs a causal decoder; {cfg.family!r} is bidirectional")
     dtype = dtype or cfg.param_dtype

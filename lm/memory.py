@@ -7,7 +7,8 @@ faults its pages in again: the Shakespeare step (lm.train, 768 rows) took 11,700
 faults, ~10 ms of ~57. Raising the mmap and trim thresholds keeps the freed memory in the heap
 for reuse: 0-250 faults a step, 46 against 37.5 ms (medians, same process, native blocks).
 The cost: the process keeps its peak heap instead of shrinking after it (blocks above
-MMAP_THRESHOLD are still mapped and unmapped).
+MMAP_THRESHOLD are still mapped and unmapped). lm.train.run sets it; decoding does not need
+it (a 512-token SmolLM2 prefill took ~1 fault either way).
 
     from lm import memory
     memory.keep_freed_memory()   # once, before the work; a no-op off glibc or with LM_MALLOC=0
