@@ -283,12 +283,20 @@ class Attention(nn.Module):
         cache: dict | None = None,
         index: Array | None = None,
         deterministic: bool = True,
-        projected: tuple[Array, Array, Array] | None = None,  # q, k, v computed by the caller
+        projected: Array | None = None,  # [B, T, (N + 2K) H]: x @ [Wq Wk Wv] from the caller
     ) -> tuple[Array, dict | None]:
         cfg = self.cfg
         b, t, _ = x.shape
         n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        fused = projected or native_projections(self, cfg, x, ("q", "k", "v"), cfg.qkv_bias)
+        if projected is not None:
+            if self._native_qkv_fits(projected, rope, cache, deterministic):
+                # The kernel reads q, k and v inside the fused projection and writes their
+                # gradients into one array: no slices or concatenation of them in the step.
+                out = native.train_attention_qkv(projected, mask, n, k)
+                return self._out(out.reshape(b, t, n * h), deterministic), cache
+            fused = jnp.split(projected, [n * h, (n + k) * h], axis=-1)
+        else:
+            fused = native_projections(self, cfg, x, ("q", "k", "v"), cfg.qkv_bias)
         if fused:
             q, kk, v = fused
         else:
@@ -322,6 +330,23 @@ class Attention(nn.Module):
             else:
                 out = jax.nn.dot_product_attention(q, kk, v, mask=mask, implementation=impl)
         return self._out(out.reshape(b, t, n * h), deterministic), cache
+
+    def _native_qkv_fits(self, qkv: Array, rope, cache, deterministic: bool) -> bool:
+        """Whether the fused projection goes to native.train_attention_qkv as it is: training
+        self-attention without RoPE (rotated q and k are new arrays anyway), cache or
+        attention dropout, through attention_impl "native" where the kernel fits."""
+        cfg = self.cfg
+        b, t, _ = qkv.shape
+        q = jax.ShapeDtypeStruct((b, t, cfg.num_heads, cfg.head_dim), qkv.dtype)
+        kk = jax.ShapeDtypeStruct((b, t, cfg.num_kv_heads, cfg.head_dim), qkv.dtype)
+        return (
+            rope is None
+            and cache is None
+            and not (cfg.attn_dropout_rate > 0 and not deterministic)
+            and _impl(cfg) == "native"
+            and native.available()
+            and native.train_fits(q, kk)
+        )
 
     def _out(self, x: Array, deterministic: bool) -> Array:
         cfg = self.cfg
@@ -547,9 +572,9 @@ def _native_block(module: nn.Module, cfg: ModelConfig, deterministic: bool, name
 
 
 def native_qkv(module: nn.Module, cfg: ModelConfig, x: Array, deterministic: bool):
-    """q, k, v = attn_norm(x) @ [Wq Wk Wv] of a pre-norm Block in one lm.native call with its
-    gradient ([B, T, N*H], [B, T, K*H] twice), or None (see _native_block; also q/k/v biases
-    and attention dropout in training)."""
+    """attn_norm(x) @ [Wq Wk Wv] of a pre-norm Block in one lm.native call with its gradient
+    ([B, T, (N + 2K) H]: q, k, v side by side, Attention's ``projected``), or None (see
+    _native_block; also q/k/v biases and attention dropout in training)."""
     if cfg.qkv_bias or (cfg.attn_dropout_rate and not deterministic):
         return None
     p = _native_block(module, cfg, deterministic, ("q", "k", "v"))
@@ -557,12 +582,10 @@ def native_qkv(module: nn.Module, cfg: ModelConfig, x: Array, deterministic: boo
         return None
     norm, attn = p["attn_norm"], p["attn"]
     ws = [attn[n]["kernel"] for n in ("q", "k", "v")]
-    y = native.train_norm_dense(
+    return native.train_norm_dense(
         x.astype(jnp.float32), norm["scale"], norm.get("bias"), jnp.concatenate(ws, axis=1),
         cfg.norm, cfg.norm_eps,
     )  # fmt: skip
-    nq, nk = ws[0].shape[1], ws[1].shape[1]
-    return y[..., :nq], y[..., nq : nq + nk], y[..., nq + nk :]
 
 
 def native_mlp_block(module: nn.Module, cfg: ModelConfig, x: Array, deterministic: bool):

@@ -245,7 +245,7 @@ def test_train_attention_values_and_gradients(b, t, n, kv, h, kind):
     if kind == "packed":
         seg = jnp.asarray(np.repeat(np.arange(4), -(-t // 4))[:t][None].repeat(b, 0))
     if kind == "random":
-        mask = jnp.asarray(rng.random((b, 1, t, t)) < 0.5)
+        mask = jnp.asarray(rng.random((b, 1, t, t)) < 0.5).at[0, 0, 3].set(False)  # sees none
     else:
         pos = jnp.arange(t)
         mask = attention_mask(jnp.asarray(valid if kind == "padded" else np.ones((b, t))), True,
@@ -269,12 +269,44 @@ def test_train_attention_values_and_gradients(b, t, n, kv, h, kind):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-5, rtol=2e-5)
 
 
+@needs_kernel
+@pytest.mark.parametrize("b,t,n,kv,h", [(12, 64, 4, 4, 32), (2, 37, 6, 2, 20), (1, 70, 2, 1, 8)])
+def test_train_attention_on_the_fused_projection(b, t, n, kv, h):
+    """train_attention_qkv on [B, T, (N + 2 KV) H] equals train_attention on its slices, values
+    and the gradient (one array, the slices' gradients side by side); causal with padding."""
+    from lm.layers import attention_mask
+
+    rng = np.random.default_rng(t)
+    qkv = jnp.asarray(rng.standard_normal((b, t, (n + 2 * kv) * h)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+    valid = np.arange(t)[None, :] < t - rng.integers(0, t // 3 + 1, b)[:, None]
+    mask = attention_mask(jnp.asarray(valid), True, jnp.arange(t))
+
+    def separate(qkv):
+        q, k, v = jnp.split(qkv, [n * h, (n + kv) * h], axis=-1)
+        shape = (b, t, -1, h)
+        return native.train_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), mask)
+
+    def fused(qkv):
+        return native.train_attention_qkv(qkv, mask, n, kv)
+
+    np.testing.assert_allclose(np.asarray(fused(qkv)), np.asarray(separate(qkv)), atol=1e-6)
+    got = jax.jit(jax.grad(lambda x: jnp.sum(fused(x) * w)))(qkv)
+    want = jax.jit(jax.grad(lambda x: jnp.sum(separate(x) * w)))(qkv)
+    assert got.shape == qkv.shape and float(jnp.abs(got).max()) > 0.1
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
 def test_train_attention_rejects_bad_operands_and_long_sequences():
     q, k = jnp.ones((2, 4, 6, 8)), jnp.ones((2, 4, 3, 8))
     with pytest.raises(ValueError, match="do not match"):
         native.train_attention(q, k, k[..., :4], jnp.ones((2, 1, 4, 4), bool))
     with pytest.raises(ValueError, match="mask"):
         native.train_attention(q, k, k, jnp.ones((2, 1, 4, 5), bool))
+    with pytest.raises(ValueError, match=r"not \[B, T, \(N \+ 2 KV\) H\] for N=6, KV=3"):
+        native.train_attention_qkv(jnp.ones((2, 4, 50)), jnp.ones((2, 1, 4, 4), bool), 6, 3)
+    with pytest.raises(ValueError, match="mask"):
+        native.train_attention_qkv(jnp.ones((2, 4, 96)), jnp.ones((2, 1, 4, 5), bool), 6, 3)
     long_q, long_k = jnp.ones((1, 1024, 4, 8)), jnp.ones((1, 1024, 4, 8))
     assert not native.train_fits(long_q, long_k)  # 2^20 scores per task: XLA's
     assert not native.train_fits(q.astype(jnp.bfloat16), k)
@@ -414,15 +446,20 @@ def test_train_mlp_rejects_bad_operands():
 @pytest.mark.parametrize(
     "preset,changes",
     [
-        # GPT-2 without biases (the Shakespeare recipe's blocks): LayerNorm, gelu_tanh.
-        ("tiny-gpt2", dict(qkv_bias=False, out_bias=False, mlp_bias=False)),
+        # GPT-2 without biases (the Shakespeare recipe's blocks): LayerNorm, gelu_tanh; the
+        # attention kernel reads q, k and v inside the fused projection.
+        (
+            "tiny-gpt2",
+            dict(qkv_bias=False, out_bias=False, mlp_bias=False, attention_impl="native"),
+        ),  # fmt: skip
         # RMSNorm + RoPE (rotated after the fused projection), ReLU, layers scanned.
         ("tiny", dict(mlp="plain", activation="relu", scan_layers=True)),
     ],
 )
 def test_training_through_native_blocks_equals_xla(preset, changes):
     """A tiny model's loss gradient with block_impl="native" equals "xla", with both fused
-    calls in the compiled program; where a block does not fit (GPT-2's biases) the program
+    calls in the compiled program (and, with attention_impl="native" and no RoPE, the attention
+    that reads the fused projection); where a block does not fit (GPT-2's biases) the program
     holds neither and the gradient is XLA's."""
     import lm
 
@@ -433,7 +470,9 @@ def test_training_through_native_blocks_equals_xla(preset, changes):
     hlo = grad.lower(native_cfg, params).as_text()
     for target in native.MLP_TARGETS + native.NORM_DENSE_TARGETS:
         assert target in hlo
-    (got_loss, got), (want_loss, want) = grad(native_cfg, params), grad(cfg, params)
+    assert (native.TRAIN_TARGETS[2] in hlo) == (changes.get("attention_impl") == "native")
+    xla_cfg = cfg.replace(attention_impl="xla")
+    (got_loss, got), (want_loss, want) = grad(native_cfg, params), grad(xla_cfg, params)
     np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4),
