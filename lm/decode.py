@@ -131,12 +131,14 @@ def matmul_impl(params) -> str:
     return "native" if single and native.available() else "xla"
 
 
-def _trunk(cfg: ModelConfig, params: dict, tokens, mask, positions, cache):
-    """Final hidden states [B, T, D] and the updated cache; no [B, T, V] logits are made."""
+def _trunk(cfg: ModelConfig, params: dict, tokens, mask, positions, cache, last_only=False):
+    """Final hidden states [B, T, D] ([B, 1, D] with last_only: see Transformer) and the
+    updated cache; no [B, T, V] logits are made."""
     trunk = {k: v for k, v in params.items() if k != "lm_head"}
     out = Transformer(cfg.replace(head="none")).apply(
-        {"params": trunk}, tokens, mask=mask, positions=positions, cache=cache
-    )
+        {"params": trunk}, tokens, mask=mask, positions=positions, cache=cache,
+        last_only=last_only,
+    )  # fmt: skip
     return out["hidden"], out["cache"]
 
 
@@ -155,8 +157,9 @@ def _prefill(params, tokens, mask, keys, eos_ids, *, cfg, strategy, cache_len, o
     cache = init_cache(cfg, b, cache_len)
     cache["index"] = 0  # a Python 0: the model knows statically that the cache is empty
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)  # [B, P]
-    h, cache = _trunk(cfg, params, tokens, mask, positions, cache)
-    logits = _lm_head(cfg, params, h[:, -1])  # left padding: the last column is real
+    # Only the last position's hidden state is read (left padding: the last column is real).
+    h, cache = _trunk(cfg, params, tokens, mask, positions, cache, last_only=True)
+    logits = _lm_head(cfg, params, h[:, -1])
     token = choose(logits, strategy, _row_keys(keys, jnp.int32(0)))
     return {
         "cache": cache,

@@ -137,6 +137,11 @@ def native_projections(
     return out
 
 
+def last_rows(x: Array, last_only: bool) -> Array:
+    """x [B, T, ...], or its last position [B, 1, ...] when only that one is needed."""
+    return x[:, -1:] if last_only else x
+
+
 def dense(cfg: ModelConfig, features: int, axes, name: str, use_bias: bool) -> Dense:
     """A Dense inside a block, with LoRA when ``name`` is one of ``cfg.lora_targets``."""
     lora = cfg.lora_rank if name in cfg.lora_targets else 0
@@ -284,6 +289,7 @@ class Attention(nn.Module):
         index: Array | None = None,
         deterministic: bool = True,
         projected: Array | None = None,  # [B, T, (N + 2K) H]: x @ [Wq Wk Wv] from the caller
+        last_only: bool = False,  # output [B, 1, D] of position T - 1 only (see Transformer)
     ) -> tuple[Array, dict | None]:
         cfg = self.cfg
         b, t, _ = x.shape
@@ -293,7 +299,9 @@ class Attention(nn.Module):
                 # The kernel reads q, k and v inside the fused projection and writes their
                 # gradients into one array: no slices or concatenation of them in the step.
                 out = native.train_attention_qkv(projected, mask, n, k)
-                return self._out(out.reshape(b, t, n * h), deterministic), cache
+                return self._out(
+                    last_rows(out.reshape(b, t, n * h), last_only), deterministic
+                ), cache
             fused = jnp.split(projected, [n * h, (n + k) * h], axis=-1)
         else:
             fused = native_projections(self, cfg, x, ("q", "k", "v"), cfg.qkv_bias)
@@ -306,7 +314,8 @@ class Attention(nn.Module):
         q, kk, v = q.reshape(b, t, n, h), kk.reshape(b, t, k, h), v.reshape(b, t, k, h)
         if cache is not None and (kernel := self._native_kernel(q, cache["k"], mask, index)):
             out, cache = kernel(q, kk, v, mask, cache, index, rope)
-            return self._out(out.astype(q.dtype).reshape(b, t, n * h), deterministic), cache
+            out = last_rows(out.astype(q.dtype).reshape(b, t, n * h), last_only)
+            return self._out(out, deterministic), cache
         if rope is not None:
             q, kk = apply_rope(q, *rope), apply_rope(kk, *rope)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", None))
@@ -329,7 +338,7 @@ class Attention(nn.Module):
                 out = dot_attention(q, kk.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
             else:
                 out = jax.nn.dot_product_attention(q, kk, v, mask=mask, implementation=impl)
-        return self._out(out.reshape(b, t, n * h), deterministic), cache
+        return self._out(last_rows(out.reshape(b, t, n * h), last_only), deterministic), cache
 
     def _native_qkv_fits(self, qkv: Array, rope, cache, deterministic: bool) -> bool:
         """Whether the fused projection goes to native.train_attention_qkv as it is: training

@@ -167,6 +167,29 @@ def test_scan_layers_equals_unrolled_forward_gradients_and_cache():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("name,scan", [("tiny", False), ("tiny", True), ("tiny-gpt2", False)])
+def test_last_only_equals_the_last_position(name, scan):
+    """last_only (a prefill's trimmed last layer) gives the full forward's last position and
+    the same cache, with left padding; a classification head refuses it."""
+    from lm.model import init_cache, stack_layers
+
+    cfg = preset(name).replace(scan_layers=scan)
+    params = init_params(preset(name), 0)
+    params = stack_layers(cfg, params) if scan else params
+    x = _tokens()
+    mask = jnp.ones_like(x).at[1, :3].set(0)
+    full = forward(cfg, params, x, mask=mask, cache=init_cache(cfg, 2, 16))
+    last = forward(cfg, params, x, mask=mask, cache=init_cache(cfg, 2, 16), last_only=True)
+    assert last["logits"].shape == (2, 1, cfg.vocab_size)
+    np.testing.assert_allclose(last["logits"][:, 0], full["logits"][:, -1], atol=1e-5)
+    np.testing.assert_allclose(last["hidden"][:, 0], full["hidden"][:, -1], atol=1e-5)
+    for a, b in zip(jax.tree.leaves(last["cache"]), jax.tree.leaves(full["cache"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="last_only"):
+        forward(preset("minilm-l6").replace(num_labels=2, head="classification"), {}, x,
+                last_only=True)  # fmt: skip
+
+
 def test_fused_attention_form_equals_dense_mask():
     """The cuDNN fast path's mask rewrite (causal + key lengths), checked with XLA on CPU."""
     from lm.layers import attention_mask, fused_attention
