@@ -16,7 +16,9 @@ scripts/bench_decode.py`` measures XLA's dot alone). Throughput counts generated
 whole call (prefill included), as a user sees it.
 Compile time is reported separately (first call of each bucket). Both sides use 2 threads;
 torch runs transformers' own ``generate`` (sdpa attention, its dynamic KV cache) and, for the
-prefill, one forward with ``logits_to_keep=1`` (what generate's prefill computes).
+prefill, one forward with ``logits_to_keep=1`` (what generate's prefill computes). The prefill
+case alternates lm float32, lm bfloat16 and torch call by call, ``--repeats`` rounds, so a drift
+of the shared host's speed falls on both sides.
 """
 
 import os
@@ -66,21 +68,10 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def ours(m, case: str, repeats: int, new: int, prefill_ids) -> dict:
+def ours(m, case: str, repeats: int, new: int) -> dict:
     from lm import decode
 
     dtype = "bfloat16" if case.endswith("bf16") else "float32"
-    res = {}
-    if case == "prefill":
-        for dt in ("float32", "bfloat16"):
-            cfg, params = decode.prepare(m.cfg, m.params, dt)
-            [g] = decode.generate(cfg, params, [prefill_ids], 1)
-            times = []
-            for _ in range(repeats):
-                [g2] = decode.generate(cfg, params, [prefill_ids], 1)
-                times.append(g2.timings["prefill"])
-            res[dt] = {"s": statistics.median(times), "compile": g.timings["compile"]}
-        return res
     cfg, params = decode.prepare(m.cfg, m.params, dtype)
     b = 16 if case.startswith("b16") else 1
     ids = [m.tokenizer(p)["input_ids"] for p in PROMPTS[:b]]
@@ -89,7 +80,45 @@ def ours(m, case: str, repeats: int, new: int, prefill_ids) -> dict:
     return {dtype: {"tok_s": b * new / s, "compile": first.timings["compile"]}}
 
 
-def torch_ref(m, case: str, repeats: int, new: int, prefill_ids, state: dict) -> float:
+def prefill(m, repeats: int, prefill_ids, state: dict, with_torch: bool) -> tuple[dict, float]:
+    """The prefill case: lm float32, lm bfloat16 and torch, one call of each per round (the
+    host's speed drifts by tens of percent over minutes; interleaving keeps the ratio fair).
+    Returns ({dtype: {"s": median seconds, "compile": s}}, torch's median seconds or 0)."""
+    from lm import decode
+
+    runs, res = {}, {}
+    for dt in ("float32", "bfloat16"):
+        cfg, params = decode.prepare(m.cfg, m.params, dt)
+        [g] = decode.generate(cfg, params, [prefill_ids], 1)  # compiles
+        res[dt] = {"compile": g.timings["compile"]}
+
+        def run(cfg=cfg, params=params):
+            return decode.generate(cfg, params, [prefill_ids], 1)[0].timings["prefill"]
+
+        runs[dt] = run
+    if with_torch:
+        import torch
+
+        hf, x = _torch_model(m, state), torch.tensor([prefill_ids])
+
+        def torch_run():
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                hf(x, use_cache=True, logits_to_keep=1)
+            return time.perf_counter() - t0
+
+        torch_run()
+        runs["torch"] = torch_run
+    times = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, run in runs.items():
+            times[k].append(run())
+    for dt in ("float32", "bfloat16"):
+        res[dt]["s"] = statistics.median(times[dt])
+    return res, statistics.median(times["torch"]) if with_torch else 0.0
+
+
+def _torch_model(m, state: dict):
     import torch
     import transformers
 
@@ -98,16 +127,13 @@ def torch_ref(m, case: str, repeats: int, new: int, prefill_ids, state: dict) ->
         state["hf"] = transformers.AutoModelForCausalLM.from_pretrained(
             os.path.dirname(m.path), gguf_file=os.path.basename(m.path), dtype=torch.float32
         ).eval()
-    hf, tok = state["hf"], m.tokenizer
-    if case == "prefill":
-        x = torch.tensor([prefill_ids])
+    return state["hf"]
 
-        def run():
-            with torch.no_grad():
-                hf(x, use_cache=True, logits_to_keep=1)
 
-        run()
-        return median_time(run, repeats)
+def torch_ref(m, case: str, repeats: int, new: int, state: dict) -> float:
+    import torch
+
+    hf, tok = _torch_model(m, state), m.tokenizer
     b = 16 if case.startswith("b16") else 1
     tok.padding_side = "left"
     enc = tok(PROMPTS[:b], return_tensors="pt", padding=True)
@@ -142,12 +168,13 @@ def main(argv):
     torch_fp32: dict[str, float] = {}
     rows = []
     for case in FLAGS.cases:
-        r = ours(m, case, FLAGS.repeats, FLAGS.new_tokens, prefill_ids)
         base = case.split("_")[0]
+        if case == "prefill":
+            r, torch_fp32[base] = prefill(m, FLAGS.repeats, prefill_ids, state, FLAGS.torch)
+        else:
+            r = ours(m, case, FLAGS.repeats, FLAGS.new_tokens)
         if FLAGS.torch and base not in torch_fp32:
-            torch_fp32[base] = torch_ref(
-                m, case, FLAGS.repeats, FLAGS.new_tokens, prefill_ids, state
-            )
+            torch_fp32[base] = torch_ref(m, case, FLAGS.repeats, FLAGS.new_tokens, state)
         ref = torch_fp32.get(base)
         for dt, v in r.items():
             if case == "prefill":
