@@ -16,9 +16,9 @@ scripts/bench_decode.py`` measures XLA's dot alone). Throughput counts generated
 whole call (prefill included), as a user sees it.
 Compile time is reported separately (first call of each bucket). Both sides use 2 threads;
 torch runs transformers' own ``generate`` (sdpa attention, its dynamic KV cache) and, for the
-prefill, one forward with ``logits_to_keep=1`` (what generate's prefill computes). The prefill
-case alternates lm float32, lm bfloat16 and torch call by call, ``--repeats`` rounds, so a drift
-of the shared host's speed falls on both sides.
+prefill, one forward with ``logits_to_keep=1`` (what generate's prefill computes). Each batch
+size alternates its cases (lm float32, lm bfloat16, torch) call by call for ``--repeats``
+rounds, so a drift of the shared host's speed falls on both sides.
 """
 
 import os
@@ -59,66 +59,27 @@ PROMPTS = [
 ]
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def ours(m, case: str, repeats: int, new: int) -> dict:
+def lm_run(m, dtype: str, rows: int, new: int, prefill_ids):
+    """One lm case: (a function timing one call in seconds, its compile seconds). rows 0 is
+    the prefill case (its time: the prefill alone), else ``rows`` prompts decoding ``new``
+    tokens each (the whole call)."""
     from lm import decode
 
-    dtype = "bfloat16" if case.endswith("bf16") else "float32"
     cfg, params = decode.prepare(m.cfg, m.params, dtype)
-    b = 16 if case.startswith("b16") else 1
-    ids = [m.tokenizer(p)["input_ids"] for p in PROMPTS[:b]]
-    [first, *_] = decode.generate(cfg, params, ids, new)
-    s = median_time(lambda: decode.generate(cfg, params, ids, new), repeats)
-    return {dtype: {"tok_s": b * new / s, "compile": first.timings["compile"]}}
+    ids = [prefill_ids] if rows == 0 else [m.tokenizer(p)["input_ids"] for p in PROMPTS[:rows]]
+    n = 1 if rows == 0 else new
+    [first, *_] = decode.generate(cfg, params, ids, n)  # compiles the bucket
+
+    def run():
+        t0 = time.perf_counter()
+        [g, *_] = decode.generate(cfg, params, ids, n)
+        return g.timings["prefill"] if rows == 0 else time.perf_counter() - t0
+
+    return run, first.timings["compile"]
 
 
-def prefill(m, repeats: int, prefill_ids, state: dict, with_torch: bool) -> tuple[dict, float]:
-    """The prefill case: lm float32, lm bfloat16 and torch, one call of each per round (the
-    host's speed drifts by tens of percent over minutes; interleaving keeps the ratio fair).
-    Returns ({dtype: {"s": median seconds, "compile": s}}, torch's median seconds or 0)."""
-    from lm import decode
-
-    runs, res = {}, {}
-    for dt in ("float32", "bfloat16"):
-        cfg, params = decode.prepare(m.cfg, m.params, dt)
-        [g] = decode.generate(cfg, params, [prefill_ids], 1)  # compiles
-        res[dt] = {"compile": g.timings["compile"]}
-
-        def run(cfg=cfg, params=params):
-            return decode.generate(cfg, params, [prefill_ids], 1)[0].timings["prefill"]
-
-        runs[dt] = run
-    if with_torch:
-        import torch
-
-        hf, x = _torch_model(m, state), torch.tensor([prefill_ids])
-
-        def torch_run():
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                hf(x, use_cache=True, logits_to_keep=1)
-            return time.perf_counter() - t0
-
-        torch_run()
-        runs["torch"] = torch_run
-    times = {k: [] for k in runs}
-    for _ in range(repeats):
-        for k, run in runs.items():
-            times[k].append(run())
-    for dt in ("float32", "bfloat16"):
-        res[dt]["s"] = statistics.median(times[dt])
-    return res, statistics.median(times["torch"]) if with_torch else 0.0
-
-
-def _torch_model(m, state: dict):
+def torch_run(m, rows: int, new: int, prefill_ids, state: dict):
+    """transformers + PyTorch fp32 for the same case: a function timing one call (seconds)."""
     import torch
     import transformers
 
@@ -127,19 +88,17 @@ def _torch_model(m, state: dict):
         state["hf"] = transformers.AutoModelForCausalLM.from_pretrained(
             os.path.dirname(m.path), gguf_file=os.path.basename(m.path), dtype=torch.float32
         ).eval()
-    return state["hf"]
+    hf, tok = state["hf"], m.tokenizer
+    if rows == 0:
+        x = torch.tensor([prefill_ids])
 
+        def call():
+            hf(x, use_cache=True, logits_to_keep=1)
+    else:
+        tok.padding_side = "left"
+        enc = tok(PROMPTS[:rows], return_tensors="pt", padding=True)
 
-def torch_ref(m, case: str, repeats: int, new: int, state: dict) -> float:
-    import torch
-
-    hf, tok = _torch_model(m, state), m.tokenizer
-    b = 16 if case.startswith("b16") else 1
-    tok.padding_side = "left"
-    enc = tok(PROMPTS[:b], return_tensors="pt", padding=True)
-
-    def run():
-        with torch.no_grad():
+        def call():
             hf.generate(
                 **enc,
                 max_new_tokens=new,
@@ -148,8 +107,14 @@ def torch_ref(m, case: str, repeats: int, new: int, state: dict) -> float:
                 pad_token_id=tok.pad_token_id,
             )
 
-    run()
-    return b * new / median_time(run, repeats)
+    def run():
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            call()
+        return time.perf_counter() - t0
+
+    run()  # warm-up
+    return run
 
 
 def main(argv):
@@ -165,29 +130,41 @@ def main(argv):
     rng = np.random.default_rng(0)
     prefill_ids = rng.integers(100, m.cfg.vocab_size - 100, FLAGS.prefill_len).tolist()
     state: dict = {}
-    torch_fp32: dict[str, float] = {}
-    rows = []
-    for case in FLAGS.cases:
-        base = case.split("_")[0]
-        if case == "prefill":
-            r, torch_fp32[base] = prefill(m, FLAGS.repeats, prefill_ids, state, FLAGS.torch)
-        else:
-            r = ours(m, case, FLAGS.repeats, FLAGS.new_tokens)
-        if FLAGS.torch and base not in torch_fp32:
-            torch_fp32[base] = torch_ref(m, case, FLAGS.repeats, FLAGS.new_tokens, state)
-        ref = torch_fp32.get(base)
-        for dt, v in r.items():
-            if case == "prefill":
-                ratio = f"{v['s'] / ref:.2f}x torch time" if ref else "-"
-                line = f"prefill {FLAGS.prefill_len} {dt:8s}  {v['s']:.3f} s"
+    rows_out = []
+    for base, rows in (("b1", 1), ("b16", 16), ("prefill", 0)):
+        cases = [c for c in FLAGS.cases if c.split("_")[0] == base]
+        if not cases:
+            continue
+        dtypes = (
+            ["float32", "bfloat16"]
+            if base == "prefill"
+            else ["bfloat16" if c.endswith("bf16") else "float32" for c in cases]
+        )
+        runs = {dt: lm_run(m, dt, rows, FLAGS.new_tokens, prefill_ids) for dt in dtypes}
+        if FLAGS.torch:
+            runs["torch"] = (torch_run(m, rows, FLAGS.new_tokens, prefill_ids, state), 0.0)
+        # One call of each per round: the shared host's speed drifts by tens of percent over
+        # minutes, so lm and torch are timed in the same phases.
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(FLAGS.repeats):
+            for k, (run, _) in runs.items():
+                times[k].append(run())
+        med = {k: statistics.median(v) for k, v in times.items()}
+        ref = med.get("torch")
+        for dt in dtypes:
+            s, compile_s = med[dt], runs[dt][1]
+            if rows == 0:
+                ratio = f"{s / ref:.2f}x torch time" if ref else "-"
+                line = f"prefill {FLAGS.prefill_len} {dt:8s}  {s:.3f} s"
                 ref_s = f"torch fp32 {ref:.3f} s" if ref else ""
             else:
-                ratio = f"{v['tok_s'] / ref:.2f}x torch" if ref else "-"
-                line = f"{base:3s} {dt:8s} {v['tok_s']:8.1f} tok/s"
-                ref_s = f"torch fp32 {ref:.1f} tok/s" if ref else ""
-            rows.append(f"{line:34s} {ref_s:24s} {ratio:20s} compile {v['compile']:.1f} s")
-            print(rows[-1], flush=True)
-    print("\n".join(["", "summary:", *rows]))
+                tok_s, ref_tok = rows * FLAGS.new_tokens / s, rows * FLAGS.new_tokens / (ref or 1)
+                ratio = f"{tok_s / ref_tok:.2f}x torch" if ref else "-"
+                line = f"{base:3s} {dt:8s} {tok_s:8.1f} tok/s"
+                ref_s = f"torch fp32 {ref_tok:.1f} tok/s" if ref else ""
+            rows_out.append(f"{line:34s} {ref_s:24s} {ratio:20s} compile {compile_s:.1f} s")
+            print(rows_out[-1], flush=True)
+    print("\n".join(["", "summary:", *rows_out]))
 
 
 if __name__ == "__main__":
