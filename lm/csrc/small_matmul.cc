@@ -117,6 +117,67 @@ void nt_tile(const float* x, const T* w, float* out, int64_t K, int64_t N, int64
     _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) out[(m0 + r) * N + n0 + c] = _mm512_reduce_add_ps(acc[r][c]);
 }
 
+// The 16 sums of a[0..15] as the lanes of one vector, lane i = sum of a[i]'s lanes: pairs of
+// vectors interleaved and added, then 64-bit halves, then 128-bit quarters (45 instructions
+// where 16 separate reductions take ~160).
+inline __m512 sum16x16(const __m512 (&a)[16]) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i) {
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(b[2 * i]), _mm512_castps_pd(b[2 * i + 1]));
+    const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(b[2 * i]), _mm512_castps_pd(b[2 * i + 1]));
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+  }
+  for (int i = 0; i < 2; ++i) {
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+  }
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
+}
+
+// nt_tile for MR x NR = 16 products (4 x 4, 2 x 8 or 1 x 16) whose dot products are reduced
+// together by sum16x16 instead of one by one. The tied LM head ([49152, 576], one thread):
+// 1 row 9.0 -> 8.3 ms, 4 rows 13.6 -> 10.5 ms; 16 rows unchanged at ~20 ms (bound elsewhere:
+// the same product from a transposed copy of the weights through nn takes ~2/3 of that).
+template <typename T, int MR, int NR>
+void nt_tile16(const float* x, const T* w, float* out, int64_t K, int64_t N, int64_t m0,
+               int64_t n0) {
+  static_assert(MR * NR == 16);
+  __m512 acc[16];
+  _Pragma("GCC unroll 16") for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = lane_mask(K - k);
+    __m512 wv[NR];
+    _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) wv[c] = load16(w + (n0 + c) * K + k, m);
+    _Pragma("GCC unroll 4") for (int r = 0; r < MR; ++r) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + (m0 + r) * K + k);
+      _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) acc[r * NR + c] = _mm512_fmadd_ps(xv, wv[c], acc[r * NR + c]);
+    }
+  }
+  // A copy: passing acc itself kept it in memory through the loop (16 stores a step).
+  __m512 fin[16];
+  _Pragma("GCC unroll 16") for (int i = 0; i < 16; ++i) fin[i] = acc[i];
+  const __m512 s = sum16x16(fin);  // lane r * NR + c: out[m0 + r, n0 + c]
+  _Pragma("GCC unroll 4") for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(out + (m0 + r) * N + n0 - r * NR, static_cast<__mmask16>(((1u << NR) - 1) << (r * NR)), s);
+  }
+}
+
+// Rows of x against W rows [n0, n0 + 16): groups of 4, then 2, then 1 row.
+template <typename T>
+void nt_rows16(const float* x, const T* w, float* out, int64_t M, int64_t K, int64_t N,
+               int64_t n0) {
+  int64_t m0 = M - M % 4;
+  for (int64_t c = 0; c < 16; c += 4)
+    for (int64_t r0 = 0; r0 < m0; r0 += 4) nt_tile16<T, 4, 4>(x, w, out, K, N, r0, n0 + c);
+  for (; m0 + 2 <= M; m0 += 2)
+    for (int64_t c = 0; c < 16; c += 8) nt_tile16<T, 2, 8>(x, w, out, K, N, m0, n0 + c);
+  for (; m0 < M; ++m0) nt_tile16<T, 1, 16>(x, w, out, K, N, m0, n0);
+}
+
 // Row tiles of up to 6 (6 x 4 accumulators + 4 weight vectors + 1 broadcast <= 32 registers).
 constexpr int kMaxRows = 6;
 
@@ -393,6 +454,7 @@ void nt(ffi::ThreadPool& pool, const float* x, const T* w, float* out, int64_t M
   parallel_for(pool, chunks, [=](int64_t c) {
     const int64_t end = std::min(N, (c + 1) * kRowsPerChunk);
     int64_t n0 = c * kRowsPerChunk;
+    for (; n0 + 16 <= end; n0 += 16) nt_rows16<T>(x, w, out, M, K, N, n0);
     for (; n0 + 4 <= end; n0 += 4) nt_rows<T, 4>(x, w, out, M, K, N, n0);
     for (; n0 < end; ++n0) nt_rows<T, 1>(x, w, out, M, K, N, n0);
   });
