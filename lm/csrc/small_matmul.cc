@@ -747,63 +747,58 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 constexpr int kAttRows = 6;     // query vectors per register tile (6 x 4 accumulators)
 constexpr int64_t kTokBlock = 32;  // tokens per task
 
-// acc[r][c] = sum_l a[r][l] * b[l * ld + 16 c] for 4 vectors of 16 columns (masked by mk).
-template <typename T, int R>
-inline void rows_times(const float* const* a, int64_t L, const T* b, int64_t ld,
-                       const __mmask16 (&mk)[4], __m512 (&out)[kAttRows][4]) {
-  // Local accumulators (registers): accumulating into `out` kept it in memory.
-  __m512 acc[R][4];
-  const float* ar[R];
-  _Pragma("GCC unroll 6") for (int r = 0; r < R; ++r) {
-    ar[r] = a[r];
-    _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
-  }
+// acc[r * C + c] = sum_l A(r, l) * B[l * ldb + 16 c] for R rows and C vectors of 16 columns
+// (masked by mk; B float32 or bfloat16, widened in registers). A(r, l) is a[r * lda + l], or with TA (A given transposed, [L, rows])
+// a[l * lda + r]: the backward pass's dS^T Q and P^T dO read dS and P down their columns
+// instead of transposing them (two [64, 64] copies a task, a sixth of its time).
+template <typename T, int R, int C, bool TA>
+inline void tile_gemm(const float* a, int64_t lda, int64_t L, const T* b, int64_t ldb,
+                      const __mmask16* mk, __m512* out) {
+  __m512 acc[R][C];  // local accumulators: registers (accumulating into `out` kept it in memory)
+  _Pragma("GCC unroll 12") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 4") for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t l = 0; l < L; ++l) {
-    const T* bl = b + l * ld;
-    __m512 bv[4];
-    _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) bv[c] = load16(bl + 16 * c, mk[c]);
-    _Pragma("GCC unroll 6") for (int r = 0; r < R; ++r) {
-      const __m512 ab = _mm512_set1_ps(ar[r][l]);
-      _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(ab, bv[c], acc[r][c]);
+    const T* bl = b + l * ldb;
+    __m512 bv[C];
+    _Pragma("GCC unroll 4") for (int c = 0; c < C; ++c) bv[c] = load16(bl + 16 * c, mk[c]);
+    _Pragma("GCC unroll 12") for (int r = 0; r < R; ++r) {
+      const __m512 ab = _mm512_set1_ps(TA ? a[l * lda + r] : a[r * lda + l]);
+      _Pragma("GCC unroll 4") for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(ab, bv[c], acc[r][c]);
     }
   }
-  _Pragma("GCC unroll 6") for (int r = 0; r < R; ++r)
-    _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) out[r][c] = acc[r][c];
+  _Pragma("GCC unroll 12") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 4") for (int c = 0; c < C; ++c) out[r * C + c] = acc[r][c];
 }
 
-// R query vectors (pointers q[r], mask rows m[r] of E bytes) against keys [0, e): scores into
-// sc[r * ld ...], softmaxed in place (unnormalized); returns 1 / row sum in inv[r].
+// R query vectors (rows of q [R, H], mask rows m[r] of E bytes) against keys [0, e): scores
+// into sc[r * ld ...], softmaxed in place (unnormalized), then out[r] = P V / row sum.
 template <typename T, int R>
-void tile_attend(const float* const* q, const uint8_t* const* m, const T* k, const T* v,
+void tile_attend(const float* q, const uint8_t* const* m, const T* k, const T* v,
                  float* const* out, int64_t H, int64_t S, int64_t e, float scale, float* sc,
                  int64_t ld) {
   const __m512 lowest = _mm512_set1_ps(-3.4028235e38f);
-  __m512 acc[kAttRows][4];
+  __m512 acc[R * 4];
   __mmask16 mk[4];
   for (int64_t s0 = 0; s0 < e; s0 += 64) {
     for (int c = 0; c < 4; ++c) mk[c] = lane_mask(e - s0 - 16 * c);
-    rows_times<T, R>(q, H, k + s0, S, mk, acc);
+    tile_gemm<T, R, 4, false>(q, H, H, k + s0, S, mk, acc);
     for (int r = 0; r < R; ++r) {
       for (int c = 0; c < 4 && mk[c]; ++c) {
         const __m128i m8 = _mm_maskz_loadu_epi8(mk[c], m[r] + s0 + 16 * c);
         const __mmask16 seen = _mm_test_epi8_mask(m8, m8);
-        const __m512 x = _mm512_mask_blend_ps(seen, lowest, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(scale)));
+        const __m512 x = _mm512_mask_blend_ps(seen, lowest, _mm512_mul_ps(acc[r * 4 + c], _mm512_set1_ps(scale)));
         _mm512_mask_storeu_ps(sc + r * ld + s0 + 16 * c, mk[c], x);
       }
     }
   }
   float inv[kAttRows];
-  const float* p[kAttRows];
-  for (int r = 0; r < R; ++r) {
-    p[r] = sc + r * ld;
-    inv[r] = softmax_row(sc + r * ld, e);
-  }
+  for (int r = 0; r < R; ++r) inv[r] = softmax_row(sc + r * ld, e);
   for (int64_t h0 = 0; h0 < H; h0 += 64) {
     for (int c = 0; c < 4; ++c) mk[c] = lane_mask(H - h0 - 16 * c);
-    rows_times<T, R>(p, e, v + h0, H, mk, acc);
+    tile_gemm<T, R, 4, false>(sc, ld, e, v + h0, H, mk, acc);
     for (int r = 0; r < R; ++r) {
       for (int c = 0; c < 4; ++c) {
-        _mm512_mask_storeu_ps(out[r] + h0 + 16 * c, mk[c], _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])));
+        _mm512_mask_storeu_ps(out[r] + h0 + 16 * c, mk[c], _mm512_mul_ps(acc[r * 4 + c], _mm512_set1_ps(inv[r])));
       }
     }
   }
@@ -841,7 +836,6 @@ void prefill_task(const Prefill& d, const float* q, const uint8_t* mask, const T
   const int64_t total = (t1 - t0) * d.G;
   for (int64_t i0 = 0; i0 < total; i0 += kAttRows) {
     const int R = static_cast<int>(std::min<int64_t>(kAttRows, total - i0));
-    const float* qr[kAttRows];
     const uint8_t* mr[kAttRows];
     float* orow[kAttRows];
     int64_t e = 0;
@@ -851,7 +845,6 @@ void prefill_task(const Prefill& d, const float* q, const uint8_t* mask, const T
       const int64_t off = ((b * d.T + t) * d.N + n) * d.H;
       const int64_t bt = (b * d.T + t) * d.half;
       rope(q + off, d.cos + bt, d.sin + bt, d.H, d.half, qbuf + r * d.H);
-      qr[r] = qbuf + r * d.H;
       orow[r] = out + off;
       mr[r] = mask + (b * d.T + t) * d.E;
       const int64_t last = last_set(mr[r], d.E);
@@ -860,12 +853,12 @@ void prefill_task(const Prefill& d, const float* q, const uint8_t* mask, const T
     }
     if (blind) e = d.E;
     switch (R) {
-      case 1: tile_attend<T, 1>(qr, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      case 2: tile_attend<T, 2>(qr, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      case 3: tile_attend<T, 3>(qr, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      case 4: tile_attend<T, 4>(qr, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      case 5: tile_attend<T, 5>(qr, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      default: tile_attend<T, 6>(qr, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 1: tile_attend<T, 1>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 2: tile_attend<T, 2>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 3: tile_attend<T, 3>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 4: tile_attend<T, 4>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 5: tile_attend<T, 5>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      default: tile_attend<T, 6>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
     }
   }
 }
@@ -995,29 +988,6 @@ inline float sum16(const float* a, const float* b, int64_t n) {  // sum a*b (b n
   return _mm512_reduce_add_ps(acc);
 }
 
-// acc[r * C + c] = sum_l A(r, l) * B[l * ldb + 16 c] for R rows and C vectors of 16 columns
-// (masked by mk). A(r, l) is a[r * lda + l], or with TA (A given transposed, [L, rows])
-// a[l * lda + r]: the backward pass's dS^T Q and P^T dO read dS and P down their columns
-// instead of transposing them (two [64, 64] copies a task, a sixth of its time).
-template <int R, int C, bool TA>
-inline void tile_gemm(const float* a, int64_t lda, int64_t L, const float* b, int64_t ldb,
-                      const __mmask16* mk, __m512* out) {
-  __m512 acc[R][C];  // local accumulators: registers (accumulating into `out` kept it in memory)
-  _Pragma("GCC unroll 12") for (int r = 0; r < R; ++r)
-    _Pragma("GCC unroll 4") for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t l = 0; l < L; ++l) {
-    const float* bl = b + l * ldb;
-    __m512 bv[C];
-    _Pragma("GCC unroll 4") for (int c = 0; c < C; ++c) bv[c] = _mm512_maskz_loadu_ps(mk[c], bl + 16 * c);
-    _Pragma("GCC unroll 12") for (int r = 0; r < R; ++r) {
-      const __m512 ab = _mm512_set1_ps(TA ? a[l * lda + r] : a[r * lda + l]);
-      _Pragma("GCC unroll 4") for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(ab, bv[c], acc[r][c]);
-    }
-  }
-  _Pragma("GCC unroll 12") for (int r = 0; r < R; ++r)
-    _Pragma("GCC unroll 4") for (int c = 0; c < C; ++c) out[r * C + c] = acc[r][c];
-}
-
 // tile_gemm for rows (1 <= rows <= R) known only at run time.
 template <int R, int C, bool TA>
 inline void tile_gemm_rows(int rows, const float* a, int64_t lda, int64_t L, const float* b,
@@ -1025,7 +995,7 @@ inline void tile_gemm_rows(int rows, const float* a, int64_t lda, int64_t L, con
   if constexpr (R > 1) {
     if (rows < R) return tile_gemm_rows<R - 1, C, TA>(rows, a, lda, L, b, ldb, mk, out);
   }
-  tile_gemm<R, C, TA>(a, lda, L, b, ldb, mk, out);
+  tile_gemm<float, R, C, TA>(a, lda, L, b, ldb, mk, out);
 }
 
 // Register tiles of C vectors of columns: 6 rows of 4 vectors or 12 of 2 (at most 24
