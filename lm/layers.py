@@ -44,7 +44,7 @@ def matmul(x: Array, w: Array, dtype, impl: str = "xla") -> Array:
     # transposes plus dots about 2x slower than the 2-D ones (measured on the train step).
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if impl == "native" and native.fits(x2.shape[0], w):
+    if impl == "native" and native.fits_matmul(x2.shape[0], w):
         y = native.small_matmul(x2, w)
     else:
         y = jax.lax.dot_general(
@@ -113,11 +113,17 @@ class Dense(nn.Module):
 
 
 def native_projections(
-    module: nn.Module, cfg: ModelConfig, x: Array, names: tuple[str, ...], use_bias: bool
+    module: nn.Module,
+    cfg: ModelConfig,
+    x: Array,
+    names: tuple[str, ...],
+    use_bias: bool,
+    gated: bool = False,
 ) -> list[Array] | None:
     """x @ W for the Dense children ``names`` of ``module`` in one lm.native call (decoding:
     q/k/v, or gate/up, read in one pass over their weights), or None where that does not apply:
-    XLA matmuls, more than native.MAX_ROWS rows, LoRA on one of them, or initialization."""
+    XLA matmuls, LoRA on one of them, or initialization. ``gated`` (names gate and up, no
+    biases): [silu(x @ W_gate) * (x @ W_up)] instead, the SwiGLU hidden layer in one call."""
     if cfg.matmul_impl != "native" or module.is_initializing():
         return None
     if cfg.lora_rank and set(names) & set(cfg.lora_targets):
@@ -125,9 +131,12 @@ def native_projections(
     x2 = x.reshape(-1, x.shape[-1])
     params = module.variables["params"]
     ws = [params[n]["kernel"] for n in names]
-    if not native.fits(x2.shape[0], *ws):
+    if not native.fits_matmul(x2.shape[0], *ws):
         return None
     dt = dtype_of(cfg.dtype)
+    if gated:
+        h = native.gated_matmul(x2, *ws).astype(dt)
+        return [h.reshape(*x.shape[:-1], h.shape[-1])]
     out = []
     for n, y in zip(names, native.small_matmuls(x2, ws)):
         y = y.astype(dt)  # as Dense: the product in dtype, then the bias
@@ -542,10 +551,13 @@ class MLP(nn.Module):
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
         cfg = self.cfg
         act = activation(cfg.activation)
+        gated = cfg.mlp == "gated" and cfg.activation == "silu" and not cfg.mlp_bias
         fused = cfg.mlp == "gated" and native_projections(
-            self, cfg, x, ("gate", "up"), cfg.mlp_bias
+            self, cfg, x, ("gate", "up"), cfg.mlp_bias, gated=gated
         )
-        if fused:
+        if fused and gated:
+            [h] = fused
+        elif fused:
             gate, up = fused
             h = act(gate) * up
         else:

@@ -8,6 +8,7 @@ pre-norm block's norm + q/k/v projections and norm + MLP + residual with their g
     if native.available():
         y = native.small_matmul(x, w)          # x [M, K] f32, w [K, N] f32|bf16 -> [M, N] f32
         y = native.small_matmul(x, e, True)    # e [N, K]: the tied LM head, x @ e.T
+        h = native.gated_matmul(x, wg, wu)     # silu(x @ wg) * (x @ wu), SwiGLU's hidden layer
         o, k, v = native.decode_attention(q, k_new, v_new, k, v, index, mask, cos, sin)
         o, k, v = native.prefill_attention(q, k_new, v_new, k, v, 0, mask, cos, sin)
         o = native.train_attention(q, k, v, mask)   # differentiable, short float32 sequences
@@ -26,9 +27,13 @@ rows, the old workaround). From 5 rows the kernel switches to register tiles of 
 columns: 16 rows of float32 at 12-13 GB/s against XLA's 10 (batch-16 SmolLM2 decoding,
 matmuls only through the kernel: 205-212 tok/s against 177 through XLA, same host phase);
 bfloat16 matmuls at 16 rows are no faster than XLA's (both ~160 tok/s before the attention
-step moved here too). Products of more than ``MAX_ROWS`` rows (a prompt's prefill) stay with
-XLA, whose GEMM reaches 100-140 GFLOP/s a core at 512 rows (``lm.layers.matmul``); a packed
-48-column panel kernel reached 108 in one thread, no better. The prefill's attention is here:
+step moved here too). Products of more rows (a prompt's prefill) copy W into 48-column panels
+and run the same 8 x 48 register tiles over them (``fits_matmul``): in float32 about XLA's own
+GEMM rate (175-224 against 186-209 GFLOP/s on 2 threads at 512 rows, both below the 243-263 of
+PyTorch's oneDNN in the same process), but bfloat16 weights are widened in the copy, once, where
+XLA's dot widened them through memory (a 512-token SmolLM2 prefill in bfloat16: 0.63 s against
+0.98), and an MLP's silu(x Wg) * (x Wu) leaves the kernel as one array (``gated_matmul``). The
+prefill's attention is here:
 through XLA's ops and copies it took a third of a 512-token SmolLM2 prefill (0.3 s of 0.9).
 Both attention kernels apply RoPE to q and k themselves (the tables come from
 ``lm.layers.rope_angles``), which removes XLA's elementwise RoPE ops from every layer.
@@ -169,6 +174,13 @@ def fits(rows: int, *operands: jax.Array) -> bool:
     return rows <= MAX_ROWS and all(a.dtype in DTYPES for a in operands)
 
 
+def fits_matmul(rows: int, *ws: jax.Array) -> bool:
+    """Whether x [rows, K] @ w [K, N] for these weights belongs to the kernel: any number of
+    rows (more than MAX_ROWS, a prompt's prefill, go to its packed-panel GEMM), weights float32
+    or bfloat16. The transposed head (``transpose_w``) takes at most MAX_ROWS: use ``fits``."""
+    return all(w.dtype in DTYPES for w in ws)
+
+
 def small_matmul(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Array:
     """x [M, K] @ w [K, N] (or @ w.T for w [N, K] with ``transpose_w``) as float32 [M, N].
 
@@ -183,7 +195,22 @@ def small_matmuls(x: jax.Array, ws: list[jax.Array]) -> list[jax.Array]:
     return _call(x, list(ws), False)
 
 
-def _call(x: jax.Array, ws: list[jax.Array], transpose_w: bool) -> list[jax.Array]:
+def gated_matmul(x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
+    """silu(x @ w_gate) * (x @ w_up) as float32 [M, N] (a SwiGLU MLP's hidden layer) in one
+    call: the two products never leave the kernel (at 512 rows they are 2 x 3 MB a layer that
+    XLA's elementwise pass would read back). Weights [K, N] alike in shape and dtype."""
+    if w_gate.shape != w_up.shape or w_gate.dtype != w_up.dtype:
+        raise ValueError(
+            f"gated_matmul: gate {w_gate.shape} {w_gate.dtype} and up {w_up.shape} "
+            f"{w_up.dtype} differ"
+        )
+    [y] = _call(x, [w_gate, w_up], False, gated=True)
+    return y
+
+
+def _call(
+    x: jax.Array, ws: list[jax.Array], transpose_w: bool, gated: bool = False
+) -> list[jax.Array]:
     outs = []
     for w in ws:
         if x.ndim != 2 or w.ndim != 2:
@@ -194,8 +221,8 @@ def _call(x: jax.Array, ws: list[jax.Array], transpose_w: bool) -> list[jax.Arra
             raise ValueError(f"small_matmul: w must be float32 or bfloat16, got {w.dtype}")
         n = w.shape[0] if transpose_w else w.shape[1]
         outs.append(jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
-    call = jax.ffi.ffi_call(TARGET, outs)
-    return list(call(x.astype(jnp.float32), *ws, transpose_w=transpose_w))
+    call = jax.ffi.ffi_call(TARGET, outs[:1] if gated else outs)
+    return list(call(x.astype(jnp.float32), *ws, transpose_w=transpose_w, gated=gated))
 
 
 def decode_attention(

@@ -27,10 +27,13 @@ def test_available_on_this_machine():
 
 
 # (rows, K, N). From 5 rows nn runs in tiles of 8 rows x 48 columns over 32 rows of W: the
-# shapes cover ragged row tiles, column tiles and row passes.
+# shapes cover ragged row tiles, column tiles and row passes. From 17 rows (a prefill) it
+# packs W into 48-column panels, 2 a task, and runs them 192 rows of W at a time: ragged
+# panels (50, 200, 5000), row tiles (17, 100, 33) and passes (400: 2 of 200; 1000: 3).
 SHAPES = [
     (1, 576, 1536), (2, 1536, 576), (3, 100, 77), (5, 8, 5000), (7, 1000, 9),
     (16, 64, 4100), (8, 576, 576), (13, 200, 100), (16, 1536, 576), (9, 33, 47),
+    (17, 64, 50), (100, 400, 200), (64, 1000, 96), (512, 576, 192), (33, 8, 5000),
 ]  # fmt: skip
 
 
@@ -48,6 +51,46 @@ def test_small_matmul_equals_xla_dot(m, k, n, transpose_w, dtype):
     assert got.shape == (m, n) and got.dtype == jnp.float32
     # float32 accumulation over k terms of unit size
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.sqrt(k) * 4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [3, 12, 100])
+def test_small_matmuls_of_mixed_weights_equal_xla_dots(rows):
+    """One call over float32 and bfloat16 weights of different widths (q/k/v of a bfloat16
+    model, a prefill's panels of several weights in one pool of tasks)."""
+    rng = np.random.default_rng(rows)
+    x = jnp.asarray(rng.standard_normal((rows, 576)), jnp.float32)
+    ws = [
+        jnp.asarray(rng.standard_normal((576, n)), dt)
+        for n, dt in [(576, jnp.float32), (192, jnp.bfloat16), (1536, jnp.float32), (50, jnp.bfloat16)]
+    ]  # fmt: skip
+    got = jax.jit(native.small_matmuls)(x, ws)
+    for g, w in zip(got, ws, strict=True):
+        want = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.float32), np.float64)
+        assert g.shape == want.shape and g.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(g), want, rtol=0, atol=1e-5 * np.sqrt(576) * 4)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "rows,k,n", [(1, 576, 1536), (12, 64, 100), (100, 400, 200), (512, 576, 1536)]
+)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gated_matmul_equals_silu_gate_times_up(rows, k, n, dtype):
+    """The SwiGLU hidden layer in one call: decoding's row blocks and tiles (1, 12 rows) and
+    the prefill's panels (ragged 200 = 4 panels + 8 columns, 100 rows = 12 tiles + 4)."""
+    rng = np.random.default_rng(rows + n)
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
+    wg, wu = (jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype) for _ in range(2))
+    got = jax.jit(native.gated_matmul)(x, wg, wu)
+    xf = np.asarray(x, np.float64)
+    g = xf @ np.asarray(wg.astype(jnp.float32), np.float64)
+    u = xf @ np.asarray(wu.astype(jnp.float32), np.float64)
+    want = g / (1 + np.exp(-g)) * u
+    assert got.shape == (rows, n) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="differ"):
+        native.gated_matmul(x, wg, wu[:, :-1])
 
 
 def test_small_matmul_rejects_bad_operands():

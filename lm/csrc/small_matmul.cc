@@ -3,7 +3,9 @@
 //
 //   out[M, N] = x[M, K] @ W          W: [K, N] ("nn") or [N, K] ("nt", the tied LM head)
 //   out_i = x @ W_i                  several nn weights sharing x (q/k/v, gate/up), one call
+//   out = silu(x @ W0) * (x @ W1)    "gated": a SwiGLU MLP's hidden layer, one call
 //
+// Many rows (a prompt's prefill) go through gemm_many, a packed-panel GEMM (see there).
 // x and out are float32; W is float32 or bfloat16 (widened to float32 in registers, so a
 // bfloat16 model streams half the bytes). Why not XLA's dot: with M of 1 to 64 rows a decode
 // step is a matrix-vector product bound by reading the weights once, and XLA:CPU's kernels
@@ -446,6 +448,156 @@ void nn_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   });
 }
 
+// Many-row products (a prompt's prefill: M > kNnRows rows), after BLIS (Van Zee & van de
+// Geijn 2015) without its packing of x. A task owns kGemmPanels panels of 48 columns of W: it
+// copies them (bfloat16 widened) into a thread-local [K, 48 * panels] block, contiguous per
+// panel, then runs each panel, kc of its rows at a time, against every 8-row tile of x in turn,
+// so the panel's rows stay in L1/L2 while the tile's 8 rows of x are broadcast straight from x
+// (x streams from L3: 4 bytes per 96 flops). A copy is one task's own work, so one thread's
+// copy (bound by reading W from memory) overlaps the other's arithmetic. The register tile is
+// nn_tile's, 8 rows x 48 columns in 24 accumulators, 3 panel loads and 8 broadcasts per 24
+// FMAs. Why not XLA's dot: at 512 rows it ran at 100-120 GFLOP/s a core, this tile at 135-150
+// of the core's 173 peak (one thread, 576 x 1536 and 1536 x 576). Measured and slower: packing
+// x too (its copy costs what it saves), tasks of 128 rows x 4 panels (each panel came from L3
+// for only 16 tiles: 95-124 GFLOP/s).
+constexpr int64_t kNnRows = 16;      // up to here nn_many (no copies) is the faster
+constexpr int64_t kGemmDepth = 192;  // rows of a panel per pass over the tiles (36 KB)
+constexpr int64_t kGemmPanels = 2;   // panels per task
+
+template <int MR>
+void gemm_tile(const float* a, int64_t lda, const float* panel, int64_t kc, float* c,
+               int64_t ldc, const __mmask16 (&mk)[3], bool first) {
+  __m512 acc[MR][3];
+  _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)
+    _Pragma("GCC unroll 3") for (int v = 0; v < 3; ++v)
+      acc[r][v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mk[v], c + r * ldc + 16 * v);
+  _Pragma("GCC unroll 2") for (int64_t k = 0; k < kc; ++k) {
+    const float* b = panel + k * kTileCols;
+    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32);
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r * lda + k]);
+      acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(x, b2, acc[r][2]);
+    }
+  }
+  _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)
+    _Pragma("GCC unroll 3") for (int v = 0; v < 3; ++v)
+      _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mk[v], acc[r][v]);
+}
+
+// One weight of a gemm_many call, or with `up` a gated pair: out = silu(x @ w) * (x @ up).
+struct GemmPlan {
+  const void* w;
+  bool bf16;
+  int64_t N;
+  float* out;
+  int64_t panels;            // ceil(N / 48)
+  const void* up = nullptr;  // the gated pair's second weight (same shape and dtype)
+};
+
+// Panels [p0, p1) of W into dst: [p1 - p0][K][48], zero past column N.
+template <typename T>
+void gemm_pack(const void* wv, int64_t N, int64_t K, int64_t p0, int64_t p1, float* dst) {
+  const T* w = static_cast<const T*>(wv);
+  const int64_t j0 = p0 * kTileCols, width = std::min(N, p1 * kTileCols) - j0;
+  for (int64_t k = 0; k < K; ++k) {
+    const T* src = w + k * N + j0;
+    if (k + 8 < K) {  // rows N apart: further apart than the hardware prefetcher follows
+      for (int64_t o = 0; o < width; o += 64 / static_cast<int64_t>(sizeof(T))) {
+        _mm_prefetch(reinterpret_cast<const char*>(src + 8 * N + o), _MM_HINT_T0);
+      }
+    }
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t j = (p - p0) * kTileCols;
+      float* d = dst + ((p - p0) * K + k) * kTileCols;
+      _Pragma("GCC unroll 3") for (int v = 0; v < 3; ++v) {
+        _mm512_storeu_ps(d + 16 * v, load16(src + j + 16 * v, lane_mask(width - j - 16 * v)));
+      }
+    }
+  }
+}
+
+inline __m512 exp16(__m512 x);
+
+// out[r, :n] = silu(g[r, :n]) * u[r, :n] = g / (1 + e^-g) * u for `rows` rows of g and u.
+inline void silu_mul(const float* g, const float* u, int64_t ld, int64_t rows, int64_t n,
+                     float* out, int64_t ldo) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < n; c += 16) {
+      const __mmask16 m = lane_mask(n - c);
+      const __m512 gv = _mm512_maskz_loadu_ps(m, g + r * ld + c);
+      const __m512 uv = _mm512_maskz_loadu_ps(m, u + r * ld + c);
+      const __m512 den = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
+      _mm512_mask_storeu_ps(out + r * ldo + c, m, _mm512_mul_ps(_mm512_div_ps(gv, den), uv));
+    }
+  }
+}
+
+constexpr int64_t kGemmChunk = 128;  // rows of x per pass over a task's panels (x's block in L2)
+
+// Panels [p0, p0 + kGemmPanels) of one plan: copy them (both weights' for a gated pair), then
+// for each chunk of rows of x, run every panel kc of its rows at a time against the chunk's
+// 8-row tiles. A gated pair's two products land in a chunk-sized strip and leave as one.
+void gemm_task(const GemmPlan& g, const float* x, int64_t M, int64_t K, int64_t p0) {
+  const int64_t p1 = std::min(g.panels, p0 + kGemmPanels), n = p1 - p0;
+  const int64_t copies = g.up ? 2 : 1, panel_size = K * kTileCols;
+  float* packed = scratch(copies * n * (panel_size + kGemmChunk * kTileCols));
+  float* strip = packed + copies * n * panel_size;  // gated: [2n][chunk][48]
+  for (int64_t c = 0; c < copies; ++c) {
+    const void* w = c ? g.up : g.w;
+    float* dst = packed + c * n * panel_size;
+    g.bf16 ? gemm_pack<bf16>(w, g.N, K, p0, p1, dst) : gemm_pack<float>(w, g.N, K, p0, p1, dst);
+  }
+  const int64_t blocks = (K + kGemmDepth - 1) / kGemmDepth, kc = (K + blocks - 1) / blocks;
+  for (int64_t m0 = 0; m0 < M; m0 += kGemmChunk) {
+    const int64_t m1 = std::min(M, m0 + kGemmChunk);
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+      const int64_t rows = std::min(kc, K - k0);
+      for (int64_t q = 0; q < copies * n; ++q) {
+        const int64_t j = (p0 + q % n) * kTileCols;
+        const __mmask16 mk[3] = {lane_mask(g.N - j), lane_mask(g.N - j - 16), lane_mask(g.N - j - 32)};
+        const float* panel = packed + q * panel_size + k0 * kTileCols;
+        for (int64_t m = m0; m < m1; m += 8) {
+          const float* a = x + m * K + k0;
+          float* c = g.up ? strip + (q * kGemmChunk + m - m0) * kTileCols : g.out + m * g.N + j;
+          const int64_t ldc = g.up ? kTileCols : g.N;
+          switch (std::min<int64_t>(8, m1 - m)) {
+            case 1: gemm_tile<1>(a, K, panel, rows, c, ldc, mk, k0 == 0); break;
+            case 2: gemm_tile<2>(a, K, panel, rows, c, ldc, mk, k0 == 0); break;
+            case 3: gemm_tile<3>(a, K, panel, rows, c, ldc, mk, k0 == 0); break;
+            case 4: gemm_tile<4>(a, K, panel, rows, c, ldc, mk, k0 == 0); break;
+            case 5: gemm_tile<5>(a, K, panel, rows, c, ldc, mk, k0 == 0); break;
+            case 6: gemm_tile<6>(a, K, panel, rows, c, ldc, mk, k0 == 0); break;
+            case 7: gemm_tile<7>(a, K, panel, rows, c, ldc, mk, k0 == 0); break;
+            default: gemm_tile<8>(a, K, panel, rows, c, ldc, mk, k0 == 0); break;
+          }
+        }
+      }
+    }
+    for (int64_t q = 0; g.up && q < n; ++q) {
+      const int64_t j = (p0 + q) * kTileCols;
+      silu_mul(strip + q * kGemmChunk * kTileCols, strip + (q + n) * kGemmChunk * kTileCols,
+               kTileCols, m1 - m0, std::min<int64_t>(kTileCols, g.N - j), g.out + m0 * g.N + j, g.N);
+    }
+  }
+}
+
+// out_i = x @ W_i for M > kNnRows rows: one pool of tasks over every weight's panel pairs.
+void gemm_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
+               const std::vector<GemmPlan>& plans) {
+  std::vector<std::pair<int, int64_t>> tasks;  // (plan, first panel)
+  for (size_t i = 0; i < plans.size(); ++i) {
+    for (int64_t p = 0; p < plans[i].panels; p += kGemmPanels) tasks.emplace_back(static_cast<int>(i), p);
+  }
+  const GemmPlan* ps = plans.data();
+  const std::pair<int, int64_t>* ts = tasks.data();
+  parallel_for(pool, static_cast<int64_t>(tasks.size()), [=](int64_t t) {
+    gemm_task(ps[ts[t].first], x, M, K, ts[t].second);
+  });
+}
+
 template <typename T>
 void nt(ffi::ThreadPool& pool, const float* x, const T* w, float* out, int64_t M, int64_t K,
         int64_t N) {
@@ -460,21 +612,25 @@ void nt(ffi::ThreadPool& pool, const float* x, const T* w, float* out, int64_t M
   });
 }
 
+// gated: two weights [K, N] (an MLP's gate and up) and one output, silu(x @ W0) * (x @ W1).
 ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArgs ws,
-                           ffi::RemainingRets outs, bool transpose_w) {
+                           ffi::RemainingRets outs, bool transpose_w, bool gated) {
   auto xd = x.dimensions();
   if (xd.size() != 2 || x.element_type() != ffi::F32) {
     return ffi::Error::InvalidArgument("small_matmul: x must be 2-D float32");
   }
-  if (ws.size() == 0 || ws.size() != outs.size() || (transpose_w && ws.size() != 1)) {
-    return ffi::Error::InvalidArgument("small_matmul: one output per weight (one weight for nt)");
+  if (gated ? ws.size() != 2 || outs.size() != 1 || transpose_w
+            : ws.size() == 0 || ws.size() != outs.size() || (transpose_w && ws.size() != 1)) {
+    return ffi::Error::InvalidArgument(
+        "small_matmul: one output per weight (one weight for nt; two weights, one output gated)");
   }
   const int64_t M = xd[0], K = xd[1];
   const float* xp = static_cast<const float*>(x.untyped_data());
   std::vector<NnPlan> plans;
+  std::vector<GemmPlan> gemms;
   for (size_t i = 0; i < ws.size(); ++i) {
     auto w = ws.get<ffi::AnyBuffer>(i);
-    auto out = outs.get<ffi::AnyBuffer>(i);
+    auto out = outs.get<ffi::AnyBuffer>(gated ? 0 : i);
     if (w.has_error()) return w.error();
     if (out.has_error()) return out.error();
     auto wd = w->dimensions();
@@ -495,9 +651,28 @@ ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Remainin
          : nt<float>(pool, xp, static_cast<const float*>(w->untyped_data()), op, M, K, N);
       return ffi::Error::Success();
     }
+    if (gated && i == 1) {
+      if (N != gemms[0].N || bf != gemms[0].bf16) {
+        return ffi::Error::InvalidArgument("small_matmul: gated weights must match in shape and dtype");
+      }
+      gemms[0].up = w->untyped_data();
+      continue;
+    }
     plans.push_back(NnPlan{w->untyped_data(), bf, N, op, false, 0, 0, nullptr});
+    gemms.push_back(GemmPlan{w->untyped_data(), bf, N, op, (N + kTileCols - 1) / kTileCols});
   }
-  nn_many(pool, xp, M, K, plans);
+  if (M > kNnRows) {
+    gemm_many(pool, xp, M, K, gemms);
+  } else if (gated) {  // both products into the caller's scratch, then one pass to the output
+    const int64_t N = gemms[0].N;
+    float* gu = scratch(2 * M * N, 1);
+    plans[0].out = gu;
+    plans.push_back(NnPlan{gemms[0].up, gemms[0].bf16, N, gu + M * N, false, 0, 0, nullptr});
+    nn_many(pool, xp, M, K, plans);
+    silu_mul(gu, gu + M * N, N, M, N, gemms[0].out, N);
+  } else {
+    nn_many(pool, xp, M, K, plans);
+  }
   return ffi::Error::Success();
 }
 
@@ -737,14 +912,17 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 // Why: through XLA a 512-token SmolLM2 prefill spent a third of its time (~0.3 s of 0.9) in
 // attention and the transposed cache writes: blocks of batched products over re-laid-out
 // queries, dense masks and copies, each op a pass over memory. Here one task takes a (row,
-// KV head, block of tokens) and keeps everything in cache: tiles of up to 6 query vectors
-// (the G heads of consecutive tokens) against 64 keys or 64 value columns live in 24
-// registers while K's [H, S] rows (or V's [S, H] rows) stream through them. Each query vector
+// KV head, block of tokens) and keeps everything in cache: tiles of up to 12 query vectors
+// (the G heads of consecutive tokens) against 32 keys or 32 value columns live in 24
+// registers while K's [H, S] rows (or V's [S, H] rows) stream through them: 2 loads per 24
+// FMAs (6 x 64 tiles took 4 loads, and a 512-token SmolLM2 layer 2.1-2.3 ms against 1.9 on
+// 2 threads; 8 x 48 was no better than 12 x 32). Each query vector
 // reads keys only up to its last visible one (the mask's last set entry, so a causal mask
 // skips the upper triangle); a masked key scores the lowest float32, as
 // lm.layers.dot_attention, and a vector that sees no key averages all E values.
 
-constexpr int kAttRows = 6;     // query vectors per register tile (6 x 4 accumulators)
+constexpr int kAttRows = 12;    // query vectors per register tile (12 x 2 accumulators)
+constexpr int kAttCols = 2;     // 32 keys or value columns per tile, so 2 loads feed 24 FMAs
 constexpr int64_t kTokBlock = 32;  // tokens per task
 
 // acc[r * C + c] = sum_l A(r, l) * B[l * ldb + 16 c] for R rows and C vectors of 16 columns
@@ -771,34 +949,35 @@ inline void tile_gemm(const float* a, int64_t lda, int64_t L, const T* b, int64_
 }
 
 // R query vectors (rows of q [R, H], mask rows m[r] of E bytes) against keys [0, e): scores
-// into sc[r * ld ...], softmaxed in place (unnormalized), then out[r] = P V / row sum.
-template <typename T, int R>
+// into sc[r * ld ...], softmaxed in place (unnormalized), then out[r] = P V / row sum, in
+// blocks of 16 * C keys (or value columns): R x C accumulators.
+template <typename T, int R, int C>
 void tile_attend(const float* q, const uint8_t* const* m, const T* k, const T* v,
                  float* const* out, int64_t H, int64_t S, int64_t e, float scale, float* sc,
                  int64_t ld) {
   const __m512 lowest = _mm512_set1_ps(-3.4028235e38f);
-  __m512 acc[R * 4];
-  __mmask16 mk[4];
-  for (int64_t s0 = 0; s0 < e; s0 += 64) {
-    for (int c = 0; c < 4; ++c) mk[c] = lane_mask(e - s0 - 16 * c);
-    tile_gemm<T, R, 4, false>(q, H, H, k + s0, S, mk, acc);
+  __m512 acc[R * C];
+  __mmask16 mk[C];
+  for (int64_t s0 = 0; s0 < e; s0 += 16 * C) {
+    for (int c = 0; c < C; ++c) mk[c] = lane_mask(e - s0 - 16 * c);
+    tile_gemm<T, R, C, false>(q, H, H, k + s0, S, mk, acc);
     for (int r = 0; r < R; ++r) {
-      for (int c = 0; c < 4 && mk[c]; ++c) {
+      for (int c = 0; c < C && mk[c]; ++c) {
         const __m128i m8 = _mm_maskz_loadu_epi8(mk[c], m[r] + s0 + 16 * c);
         const __mmask16 seen = _mm_test_epi8_mask(m8, m8);
-        const __m512 x = _mm512_mask_blend_ps(seen, lowest, _mm512_mul_ps(acc[r * 4 + c], _mm512_set1_ps(scale)));
+        const __m512 x = _mm512_mask_blend_ps(seen, lowest, _mm512_mul_ps(acc[r * C + c], _mm512_set1_ps(scale)));
         _mm512_mask_storeu_ps(sc + r * ld + s0 + 16 * c, mk[c], x);
       }
     }
   }
-  float inv[kAttRows];
+  float inv[R];
   for (int r = 0; r < R; ++r) inv[r] = softmax_row(sc + r * ld, e);
-  for (int64_t h0 = 0; h0 < H; h0 += 64) {
-    for (int c = 0; c < 4; ++c) mk[c] = lane_mask(H - h0 - 16 * c);
-    tile_gemm<T, R, 4, false>(sc, ld, e, v + h0, H, mk, acc);
+  for (int64_t h0 = 0; h0 < H; h0 += 16 * C) {
+    for (int c = 0; c < C; ++c) mk[c] = lane_mask(H - h0 - 16 * c);
+    tile_gemm<T, R, C, false>(sc, ld, e, v + h0, H, mk, acc);
     for (int r = 0; r < R; ++r) {
-      for (int c = 0; c < 4; ++c) {
-        _mm512_mask_storeu_ps(out[r] + h0 + 16 * c, mk[c], _mm512_mul_ps(acc[r * 4 + c], _mm512_set1_ps(inv[r])));
+      for (int c = 0; c < C; ++c) {
+        _mm512_mask_storeu_ps(out[r] + h0 + 16 * c, mk[c], _mm512_mul_ps(acc[r * C + c], _mm512_set1_ps(inv[r])));
       }
     }
   }
@@ -853,12 +1032,18 @@ void prefill_task(const Prefill& d, const float* q, const uint8_t* mask, const T
     }
     if (blind) e = d.E;
     switch (R) {
-      case 1: tile_attend<T, 1>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      case 2: tile_attend<T, 2>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      case 3: tile_attend<T, 3>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      case 4: tile_attend<T, 4>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      case 5: tile_attend<T, 5>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      default: tile_attend<T, 6>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 1: tile_attend<T, 1, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 2: tile_attend<T, 2, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 3: tile_attend<T, 3, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 4: tile_attend<T, 4, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 5: tile_attend<T, 5, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 6: tile_attend<T, 6, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 7: tile_attend<T, 7, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 8: tile_attend<T, 8, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 9: tile_attend<T, 9, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 10: tile_attend<T, 10, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      case 11: tile_attend<T, 11, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      default: tile_attend<T, kAttRows, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
     }
   }
 }
@@ -1584,7 +1769,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmSmallMatmul, SmallMatmulImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .RemainingArgs()
                                   .RemainingRets()
-                                  .Attr<bool>("transpose_w"));
+                                  .Attr<bool>("transpose_w")
+                                  .Attr<bool>("gated"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmDecodeAttention, DecodeAttentionImpl,
                               ffi::Ffi::Bind()
