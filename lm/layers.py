@@ -33,25 +33,31 @@ def _kernel_init(std: float = 0.02):
     return nn.initializers.normal(stddev=std)
 
 
-def matmul(x: Array, w: Array, dtype, impl: str = "xla") -> Array:
-    """x[..., I] @ w[I, O] with float32 accumulation, returned in ``dtype``.
+def matmul(x: Array, w: Array, dtype, impl: str = "xla", residual: Array | None = None) -> Array:
+    """x[..., I] @ w[I, O] with float32 accumulation, returned in ``dtype`` (plus ``residual``
+    [..., O] when given).
 
-    ``impl="native"`` (decoding on CPU, set by lm.decode) sends products of at most
-    ``lm.native.MAX_ROWS`` rows to lm.native's kernel, which streams float32 or bfloat16
-    weights without widening them through memory; it has no gradient.
+    ``impl="native"`` (decoding on CPU, set by lm.decode) sends the product to lm.native's
+    kernel, which streams float32 or bfloat16 weights without widening them through memory
+    (and lands it on the residual in place); it has no gradient.
     """
     # As one 2-D [N, I] x [I, O] product: XLA:CPU differentiates a 3-D dot_general into
     # transposes plus dots about 2x slower than the 2-D ones (measured on the train step).
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if impl == "native" and native.fits_matmul(x2.shape[0], w):
+        if residual is not None:
+            r2 = residual.reshape(-1, residual.shape[-1])
+            y = native.small_matmul(x2, w, residual=r2)
+            return y.astype(dtype).reshape(*lead, w.shape[-1])
         y = native.small_matmul(x2, w)
     else:
         y = jax.lax.dot_general(
             x2.astype(dtype), w.astype(dtype), (((1,), (0,)), ((), ())),
             preferred_element_type=jnp.float32,
         )  # fmt: skip
-    return y.astype(dtype).reshape(*lead, w.shape[-1])
+    y = y.astype(dtype).reshape(*lead, w.shape[-1])
+    return y if residual is None else y + residual.astype(dtype)
 
 
 class Dense(nn.Module):
@@ -73,7 +79,11 @@ class Dense(nn.Module):
     matmul_impl: str = "xla"  # see matmul
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    def __call__(
+        self, x: Array, deterministic: bool = True, residual: Array | None = None
+    ) -> Array:
+        """x W + b (+ LoRA) (+ ``residual``: a skip connection, added inside the product where
+        lm.native computes it, i.e. with no bias or LoRA to add first)."""
         pdt = dtype_of(self.param_dtype)
         kernel = self.param(
             "kernel",
@@ -81,7 +91,10 @@ class Dense(nn.Module):
             (x.shape[-1], self.features),
             pdt,
         )
-        y = matmul(x, kernel, dtype_of(self.dtype), self.matmul_impl)
+        fused = not self.use_bias and not self.lora_rank
+        y = matmul(x, kernel, dtype_of(self.dtype), self.matmul_impl, residual if fused else None)
+        if fused:
+            residual = None
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -109,7 +122,7 @@ class Dense(nn.Module):
             dt, impl = dtype_of(self.dtype), self.matmul_impl
             lora = matmul(matmul(h, a, dt, impl), b, dt, impl)
             y = y + lora * (self.lora_alpha / self.lora_rank)
-        return y
+        return y if residual is None else y + residual.astype(y.dtype)
 
 
 def native_projections(
@@ -299,6 +312,7 @@ class Attention(nn.Module):
         deterministic: bool = True,
         projected: Array | None = None,  # [B, T, (N + 2K) H]: x @ [Wq Wk Wv] from the caller
         last_only: bool = False,  # output [B, 1, D] of position T - 1 only (see Transformer)
+        residual: Array | None = None,  # added to the output (the block's skip connection)
     ) -> tuple[Array, dict | None]:
         cfg = self.cfg
         b, t, _ = x.shape
@@ -309,7 +323,7 @@ class Attention(nn.Module):
                 # gradients into one array: no slices or concatenation of them in the step.
                 out = native.train_attention_qkv(projected, mask, n, k)
                 return self._out(
-                    last_rows(out.reshape(b, t, n * h), last_only), deterministic
+                    last_rows(out.reshape(b, t, n * h), last_only), deterministic, residual
                 ), cache
             fused = jnp.split(projected, [n * h, (n + k) * h], axis=-1)
         else:
@@ -324,7 +338,7 @@ class Attention(nn.Module):
         if cache is not None and (kernel := self._native_kernel(q, cache["k"], mask, index)):
             out, cache = kernel(q, kk, v, mask, cache, index, rope)
             out = last_rows(out.astype(q.dtype).reshape(b, t, n * h), last_only)
-            return self._out(out, deterministic), cache
+            return self._out(out, deterministic, residual), cache
         if rope is not None:
             q, kk = apply_rope(q, *rope), apply_rope(kk, *rope)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", None))
@@ -347,7 +361,8 @@ class Attention(nn.Module):
                 out = dot_attention(q, kk.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
             else:
                 out = jax.nn.dot_product_attention(q, kk, v, mask=mask, implementation=impl)
-        return self._out(last_rows(out.reshape(b, t, n * h), last_only), deterministic), cache
+        out = last_rows(out.reshape(b, t, n * h), last_only)
+        return self._out(out, deterministic, residual), cache
 
     def _native_qkv_fits(self, qkv: Array, rope, cache, deterministic: bool) -> bool:
         """Whether the fused projection goes to native.train_attention_qkv as it is: training
@@ -366,9 +381,10 @@ class Attention(nn.Module):
             and native.train_fits(q, kk)
         )
 
-    def _out(self, x: Array, deterministic: bool) -> Array:
+    def _out(self, x: Array, deterministic: bool, residual: Array | None) -> Array:
         cfg = self.cfg
-        return dense(cfg, cfg.d_model, ("heads", "embed"), "o", cfg.out_bias)(x, deterministic)
+        o = dense(cfg, cfg.d_model, ("heads", "embed"), "o", cfg.out_bias)
+        return o(x, deterministic, residual)
 
     def _cached_attention(self, q, kk, v, mask, cache, index):
         """Attention through the KV cache. The cache keeps keys as [B, K, H, S] and values as
@@ -548,7 +564,9 @@ class MLP(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    def __call__(
+        self, x: Array, deterministic: bool = True, residual: Array | None = None
+    ) -> Array:
         cfg = self.cfg
         act = activation(cfg.activation)
         gated = cfg.mlp == "gated" and cfg.activation == "silu" and not cfg.mlp_bias
@@ -570,7 +588,8 @@ class MLP(nn.Module):
             else:
                 h = act(up)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-        return dense(cfg, cfg.d_model, ("mlp", "embed"), "down", cfg.mlp_bias)(h, deterministic)
+        down = dense(cfg, cfg.d_model, ("mlp", "embed"), "down", cfg.mlp_bias)
+        return down(h, deterministic, residual)
 
 
 def _native_block(module: nn.Module, cfg: ModelConfig, deterministic: bool, names) -> dict | None:

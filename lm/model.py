@@ -56,6 +56,15 @@ class Block(nn.Module):
                 x_in = norm(name="attn_norm")(x)
             else:
                 x_in = x  # only its shape is read
+            if cfg.matmul_impl == "native" and (deterministic or not cfg.dropout_rate):
+                # Decoding: the skip connections ride in the o and down products (lm.native
+                # lands them on the residual in place: no separate add over [B, T, D]).
+                h, cache = attn(
+                    x_in, rope, mask, cache, index, deterministic, projected=qkv,
+                    last_only=last_only, residual=last_rows(x, last_only),
+                )  # fmt: skip
+                out = mlp(norm(name="mlp_norm")(h), deterministic, residual=h)
+                return constrain(out, ("batch", "length", "embed")), cache
             a, cache = attn(
                 x_in, rope, mask, cache, index, deterministic, projected=qkv, last_only=last_only
             )

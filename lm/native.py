@@ -181,11 +181,24 @@ def fits_matmul(rows: int, *ws: jax.Array) -> bool:
     return all(w.dtype in DTYPES for w in ws)
 
 
-def small_matmul(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Array:
-    """x [M, K] @ w [K, N] (or @ w.T for w [N, K] with ``transpose_w``) as float32 [M, N].
+def small_matmul(
+    x: jax.Array, w: jax.Array, transpose_w: bool = False, residual: jax.Array | None = None
+) -> jax.Array:
+    """x [M, K] @ w [K, N] (or @ w.T for w [N, K] with ``transpose_w``) as float32 [M, N],
+    plus ``residual`` [M, N] when given (a block's skip connection: the products land on it in
+    place, so no separate pass adds them; not with ``transpose_w``).
 
-    x is cast to float32; w must be float32 or bfloat16. Call only when ``available()``.
+    x and residual are cast to float32; w must be float32 or bfloat16. Call only when
+    ``available()``.
     """
+    if residual is not None:
+        if transpose_w or residual.shape != (x.shape[0], w.shape[-1]):
+            raise ValueError(
+                f"small_matmul: residual {residual.shape} must be [M, N] of x {x.shape} @ w "
+                f"{w.shape} (not transposed)"
+            )
+        [y] = _call(x, [w], False, residual=residual.astype(jnp.float32))
+        return y
     [y] = _call(x, [w], transpose_w)
     return y
 
@@ -209,7 +222,11 @@ def gated_matmul(x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
 
 
 def _call(
-    x: jax.Array, ws: list[jax.Array], transpose_w: bool, gated: bool = False
+    x: jax.Array,
+    ws: list[jax.Array],
+    transpose_w: bool,
+    gated: bool = False,
+    residual: jax.Array | None = None,
 ) -> list[jax.Array]:
     outs = []
     for w in ws:
@@ -221,8 +238,19 @@ def _call(
             raise ValueError(f"small_matmul: w must be float32 or bfloat16, got {w.dtype}")
         n = w.shape[0] if transpose_w else w.shape[1]
         outs.append(jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
-    call = jax.ffi.ffi_call(TARGET, outs[:1] if gated else outs)
-    return list(call(x.astype(jnp.float32), *ws, transpose_w=transpose_w, gated=gated))
+    extra = [] if residual is None else [residual]
+    aliases = {} if residual is None else {1 + len(ws): 0}  # the residual becomes the output
+    call = jax.ffi.ffi_call(TARGET, outs[:1] if gated else outs, input_output_aliases=aliases)
+    return list(
+        call(
+            x.astype(jnp.float32),
+            *ws,
+            *extra,
+            transpose_w=transpose_w,
+            gated=gated,
+            accumulate=residual is not None,
+        )  # fmt: skip
+    )
 
 
 def decode_attention(

@@ -93,6 +93,26 @@ def test_gated_matmul_equals_silu_gate_times_up(rows, k, n, dtype):
         native.gated_matmul(x, wg, wu[:, :-1])
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 576), (3, 64, 5000), (12, 1536, 576), (100, 400, 200)])
+def test_small_matmul_lands_on_the_residual(m, k, n, dtype):
+    """x @ w + residual in one call (the o and down products of a decoding block): row blocks
+    (1, 3 rows; 5000 columns, an LM head's width, goes through row chunks too), tiles (12) and
+    the prefill's panels (100)."""
+    rng = np.random.default_rng(m + k)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, n)), dtype)
+    r = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+    got = jax.jit(lambda x, w, r: native.small_matmul(x, w, residual=r))(x, w, r)
+    want = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(
+        np.asarray(got), want + np.asarray(r), rtol=0, atol=4e-5 * np.sqrt(k)
+    )
+    with pytest.raises(ValueError, match="residual"):
+        native.small_matmul(x, w, residual=r[:, :-1])
+
+
 def test_small_matmul_rejects_bad_operands():
     x = jnp.ones((2, 8), jnp.float32)
     with pytest.raises(ValueError, match="do not contract"):

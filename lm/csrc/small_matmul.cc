@@ -393,12 +393,13 @@ void nn_chunk(const NnPlan& p, const float* x, int64_t M, int64_t K, int64_t c) 
 
 // out_i = x @ W_i for weights sharing x (q/k/v, gate/up): one call, one pool of chunks, so the
 // small matrices ride along with the large ones instead of each paying for a thread handoff.
+// accumulate: out_i += x @ W_i (every weight through partial sums, added onto out at the end).
 void nn_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
-             std::vector<NnPlan>& plans) {
+             std::vector<NnPlan>& plans, bool accumulate = false) {
   const int64_t threads = pool.num_threads() + 1;
   int64_t buffered = 0;
   for (NnPlan& p : plans) {
-    p.by_columns = p.N > 4096;
+    p.by_columns = p.N > 4096 && !accumulate;
     if (p.by_columns) {
       const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(2 * threads, p.N / 2048));
       p.step = ((p.N + chunks - 1) / chunks + 15) / 16 * 16;
@@ -408,7 +409,7 @@ void nn_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
       const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(2 * threads, K / 64));
       p.step = ((K + chunks - 1) / chunks + 7) / 8 * 8;
       p.chunks = (K + p.step - 1) / p.step;
-      if (p.chunks > 1) buffered += p.chunks * M * p.N;
+      if (p.chunks > 1 || accumulate) buffered += p.chunks * M * p.N;
     }
   }
   std::unique_ptr<float[]> partial(buffered ? new float[buffered] : nullptr);
@@ -417,7 +418,7 @@ void nn_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   for (size_t i = 0; i < plans.size(); ++i) {
     NnPlan& p = plans[i];
     p.partial = nullptr;
-    if (!p.by_columns && p.chunks > 1) {
+    if (!p.by_columns && (p.chunks > 1 || accumulate)) {
       p.partial = next;
       next += p.chunks * M * p.N;
     }
@@ -440,8 +441,8 @@ void nn_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   parallel_for(pool, static_cast<int64_t>(sums.size()), [=](int64_t t) {
     const NnPlan& p = ps[ss[t].first];
     const int64_t size = M * p.N, lo = ss[t].second, hi = std::min(size, lo + kSlice);
-    std::copy(p.partial + lo, p.partial + hi, p.out + lo);
-    for (int64_t c = 1; c < p.chunks; ++c) {
+    if (!accumulate) std::copy(p.partial + lo, p.partial + hi, p.out + lo);
+    for (int64_t c = accumulate ? 0 : 1; c < p.chunks; ++c) {
       const float* src = p.partial + c * size;
       for (int64_t i = lo; i < hi; ++i) p.out[i] += src[i];
     }
@@ -540,7 +541,8 @@ constexpr int64_t kGemmChunk = 128;  // rows of x per pass over a task's panels 
 // Panels [p0, p0 + kGemmPanels) of one plan: copy them (both weights' for a gated pair), then
 // for each chunk of rows of x, run every panel kc of its rows at a time against the chunk's
 // 8-row tiles. A gated pair's two products land in a chunk-sized strip and leave as one.
-void gemm_task(const GemmPlan& g, const float* x, int64_t M, int64_t K, int64_t p0) {
+void gemm_task(const GemmPlan& g, const float* x, int64_t M, int64_t K, int64_t p0,
+               bool accumulate) {
   const int64_t p1 = std::min(g.panels, p0 + kGemmPanels), n = p1 - p0;
   const int64_t copies = g.up ? 2 : 1, panel_size = K * kTileCols;
   float* packed = scratch(copies * n * (panel_size + kGemmChunk * kTileCols));
@@ -563,15 +565,16 @@ void gemm_task(const GemmPlan& g, const float* x, int64_t M, int64_t K, int64_t 
           const float* a = x + m * K + k0;
           float* c = g.up ? strip + (q * kGemmChunk + m - m0) * kTileCols : g.out + m * g.N + j;
           const int64_t ldc = g.up ? kTileCols : g.N;
+          const bool first = k0 == 0 && !accumulate;  // else onto what out (or the strip) holds
           switch (std::min<int64_t>(8, m1 - m)) {
-            case 1: gemm_tile<1>(a, K, panel, rows, c, ldc, mk, k0 == 0); break;
-            case 2: gemm_tile<2>(a, K, panel, rows, c, ldc, mk, k0 == 0); break;
-            case 3: gemm_tile<3>(a, K, panel, rows, c, ldc, mk, k0 == 0); break;
-            case 4: gemm_tile<4>(a, K, panel, rows, c, ldc, mk, k0 == 0); break;
-            case 5: gemm_tile<5>(a, K, panel, rows, c, ldc, mk, k0 == 0); break;
-            case 6: gemm_tile<6>(a, K, panel, rows, c, ldc, mk, k0 == 0); break;
-            case 7: gemm_tile<7>(a, K, panel, rows, c, ldc, mk, k0 == 0); break;
-            default: gemm_tile<8>(a, K, panel, rows, c, ldc, mk, k0 == 0); break;
+            case 1: gemm_tile<1>(a, K, panel, rows, c, ldc, mk, first); break;
+            case 2: gemm_tile<2>(a, K, panel, rows, c, ldc, mk, first); break;
+            case 3: gemm_tile<3>(a, K, panel, rows, c, ldc, mk, first); break;
+            case 4: gemm_tile<4>(a, K, panel, rows, c, ldc, mk, first); break;
+            case 5: gemm_tile<5>(a, K, panel, rows, c, ldc, mk, first); break;
+            case 6: gemm_tile<6>(a, K, panel, rows, c, ldc, mk, first); break;
+            case 7: gemm_tile<7>(a, K, panel, rows, c, ldc, mk, first); break;
+            default: gemm_tile<8>(a, K, panel, rows, c, ldc, mk, first); break;
           }
         }
       }
@@ -586,7 +589,7 @@ void gemm_task(const GemmPlan& g, const float* x, int64_t M, int64_t K, int64_t 
 
 // out_i = x @ W_i for M > kNnRows rows: one pool of tasks over every weight's panel pairs.
 void gemm_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
-               const std::vector<GemmPlan>& plans) {
+               const std::vector<GemmPlan>& plans, bool accumulate = false) {
   std::vector<std::pair<int, int64_t>> tasks;  // (plan, first panel)
   for (size_t i = 0; i < plans.size(); ++i) {
     for (int64_t p = 0; p < plans[i].panels; p += kGemmPanels) tasks.emplace_back(static_cast<int>(i), p);
@@ -594,7 +597,7 @@ void gemm_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   const GemmPlan* ps = plans.data();
   const std::pair<int, int64_t>* ts = tasks.data();
   parallel_for(pool, static_cast<int64_t>(tasks.size()), [=](int64_t t) {
-    gemm_task(ps[ts[t].first], x, M, K, ts[t].second);
+    gemm_task(ps[ts[t].first], x, M, K, ts[t].second, accumulate);
   });
 }
 
@@ -613,23 +616,28 @@ void nt(ffi::ThreadPool& pool, const float* x, const T* w, float* out, int64_t M
 }
 
 // gated: two weights [K, N] (an MLP's gate and up) and one output, silu(x @ W0) * (x @ W1).
-ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArgs ws,
-                           ffi::RemainingRets outs, bool transpose_w, bool gated) {
+// accumulate: one weight, then a residual [M, N] that XLA aliases to the output: out = r + x W.
+ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArgs args,
+                           ffi::RemainingRets outs, bool transpose_w, bool gated,
+                           bool accumulate) {
   auto xd = x.dimensions();
   if (xd.size() != 2 || x.element_type() != ffi::F32) {
     return ffi::Error::InvalidArgument("small_matmul: x must be 2-D float32");
   }
-  if (gated ? ws.size() != 2 || outs.size() != 1 || transpose_w
-            : ws.size() == 0 || ws.size() != outs.size() || (transpose_w && ws.size() != 1)) {
+  const size_t n_w = args.size() - (accumulate ? 1 : 0);  // the residual is not a weight
+  if (gated ? n_w != 2 || outs.size() != 1 || transpose_w || accumulate
+            : n_w == 0 || n_w != outs.size() || (transpose_w && n_w != 1) ||
+                  (accumulate && (n_w != 1 || transpose_w))) {
     return ffi::Error::InvalidArgument(
-        "small_matmul: one output per weight (one weight for nt; two weights, one output gated)");
+        "small_matmul: one output per weight (one weight for nt or accumulate; two weights, one "
+        "output gated)");
   }
   const int64_t M = xd[0], K = xd[1];
   const float* xp = static_cast<const float*>(x.untyped_data());
   std::vector<NnPlan> plans;
   std::vector<GemmPlan> gemms;
-  for (size_t i = 0; i < ws.size(); ++i) {
-    auto w = ws.get<ffi::AnyBuffer>(i);
+  for (size_t i = 0; i < n_w; ++i) {
+    auto w = args.get<ffi::AnyBuffer>(i);
     auto out = outs.get<ffi::AnyBuffer>(gated ? 0 : i);
     if (w.has_error()) return w.error();
     if (out.has_error()) return out.error();
@@ -662,7 +670,7 @@ ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Remainin
     gemms.push_back(GemmPlan{w->untyped_data(), bf, N, op, (N + kTileCols - 1) / kTileCols});
   }
   if (M > kNnRows) {
-    gemm_many(pool, xp, M, K, gemms);
+    gemm_many(pool, xp, M, K, gemms, accumulate);
   } else if (gated) {  // both products into the caller's scratch, then one pass to the output
     const int64_t N = gemms[0].N;
     float* gu = scratch(2 * M * N, 1);
@@ -671,7 +679,7 @@ ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Remainin
     nn_many(pool, xp, M, K, plans);
     silu_mul(gu, gu + M * N, N, M, N, gemms[0].out, N);
   } else {
-    nn_many(pool, xp, M, K, plans);
+    nn_many(pool, xp, M, K, plans, accumulate);
   }
   return ffi::Error::Success();
 }
@@ -1770,7 +1778,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmSmallMatmul, SmallMatmulImpl,
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<bool>("transpose_w")
-                                  .Attr<bool>("gated"));
+                                  .Attr<bool>("gated")
+                                  .Attr<bool>("accumulate"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmDecodeAttention, DecodeAttentionImpl,
                               ffi::Ffi::Bind()
