@@ -14,7 +14,7 @@
 // registers: for up to 4 rows nn streams W in blocks of whole rows (8 rows at a time, each one
 // contiguous run: the pattern the hardware prefetcher follows) into partial sums per block;
 // for 5 to 16 rows (batched decoding) it keeps tiles of 8 rows x 48 columns of out in
-// registers (nn_tile); nt reads each row of W once against up to 6 rows of x.
+// registers (tile_8x48); nt reads each row of W once against up to 6 rows of x.
 //
 // Threads: W is cut into chunks (blocks of rows; of columns for a wide LM head) that the
 // calling thread and helpers from XLA's intra-op pool (ffi::ThreadPool) claim from an atomic
@@ -295,55 +295,66 @@ void parallel_for(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int6
 // chunks across the threads instead of row chunks.
 constexpr int kTileCols = 48;
 
-template <typename T, int MR>
-void nn_tile(const float* x, const T* w, float* out, int64_t K, int64_t N, int64_t k0,
-             int64_t k1, int64_t j, int64_t j1, int64_t m0, bool first, bool prefetch) {
-  const int64_t rem = j1 - j;
-  __mmask16 mk[3];
-  for (int c = 0; c < 3; ++c) {
-    mk[c] = lane_mask(rem - 16 * c);
-  }
+// c[r, :] (+)= sum_k a[r * lda + k] * b[k * ldb + :48] for MR <= 8 rows: the register tile of
+// nn (b a block of W in place, with `prefetch` fetching the next tile's segments of b) and of
+// gemm_many (b a packed panel, ldb 48; its loop unrolled twice: 207-238 against 191-194
+// GFLOP/s, where unrolling cost nn's 8-row tiles 20 -> 15.6 GB/s). Columns past the masks mk
+// are neither read nor written.
+template <typename T, int MR, bool Packed>
+void tile_8x48(const float* a, int64_t lda, const T* b, int64_t ldb, int64_t kc, float* c,
+               int64_t ldc, const __mmask16 (&mk)[3], bool first, bool prefetch) {
   __m512 acc[MR][3];
-  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)
-    _Pragma("GCC unroll 3") for (int c = 0; c < 3; ++c)
-      acc[r][c] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mk[c], out + (m0 + r) * N + j + 16 * c);
-  const float* xr = x + m0 * K;
-  for (int64_t k = k0; k < k1; ++k) {
-    const T* wk = w + k * N + j;
-    if (prefetch) {
-      _mm_prefetch(reinterpret_cast<const char*>(wk + kTileCols), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(wk + kTileCols + 32), _MM_HINT_T0);
-      if (sizeof(T) == 4) _mm_prefetch(reinterpret_cast<const char*>(wk + kTileCols + 16), _MM_HINT_T0);
+  _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)
+    _Pragma("GCC unroll 3") for (int v = 0; v < 3; ++v)
+      acc[r][v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mk[v], c + r * ldc + 16 * v);
+  auto step = [&](int64_t k) __attribute__((always_inline)) {
+    const T* bk = b + k * ldb;
+    if (!Packed && prefetch) {
+      _mm_prefetch(reinterpret_cast<const char*>(bk + kTileCols), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(bk + kTileCols + 32), _MM_HINT_T0);
+      if (sizeof(T) == 4) _mm_prefetch(reinterpret_cast<const char*>(bk + kTileCols + 16), _MM_HINT_T0);
     }
-    __m512 w0 = load16(wk, mk[0]), w1 = load16(wk + 16, mk[1]), w2 = load16(wk + 32, mk[2]);
-    _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {
-      const __m512 xb = _mm512_set1_ps(xr[r * K + k]);
-      acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(xb, w2, acc[r][2]);
+    const __m512 b0 = load16(bk, mk[0]), b1 = load16(bk + 16, mk[1]), b2 = load16(bk + 32, mk[2]);
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r * lda + k]);
+      acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(x, b2, acc[r][2]);
     }
+  };
+  if (Packed) {
+    _Pragma("GCC unroll 2") for (int64_t k = 0; k < kc; ++k) step(k);
+  } else {
+    for (int64_t k = 0; k < kc; ++k) step(k);
   }
-  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)
-    _Pragma("GCC unroll 3") for (int c = 0; c < 3; ++c)
-      _mm512_mask_storeu_ps(out + (m0 + r) * N + j + 16 * c, mk[c], acc[r][c]);
+  _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)
+    _Pragma("GCC unroll 3") for (int v = 0; v < 3; ++v)
+      _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mk[v], acc[r][v]);
 }
 
+// tile_8x48 over `rows` rows of a and c, 8 at a time (nn prefetches in the first only).
+template <typename T, bool Packed>
+void tiles_8x48(int64_t rows, const float* a, int64_t lda, const T* b, int64_t ldb, int64_t kc,
+                float* c, int64_t ldc, const __mmask16 (&mk)[3], bool first) {
+  for (int64_t m = 0; m < rows; m += 8, a += 8 * lda, c += 8 * ldc) {
+    switch (std::min<int64_t>(8, rows - m)) {
+#define LM_TILE(R)                                                                   \
+  case R:                                                                            \
+    tile_8x48<T, R, Packed>(a, lda, b, ldb, kc, c, ldc, mk, first, m == 0);          \
+    break;
+      LM_TILE(1) LM_TILE(2) LM_TILE(3) LM_TILE(4) LM_TILE(5) LM_TILE(6) LM_TILE(7)
+      default: LM_TILE(8)
+#undef LM_TILE
+    }
+  }
+}
+
+// Columns [j, j1) of rows [k0, k1) of W against all M rows of x into out.
 template <typename T>
 void nn_tile_rows(const float* x, const T* w, float* out, int64_t M, int64_t K, int64_t N,
                   int64_t k0, int64_t k1, int64_t j, int64_t j1, bool first) {
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const bool pf = m0 == 0;
-    switch (std::min<int64_t>(8, M - m0)) {
-      case 1: nn_tile<T, 1>(x, w, out, K, N, k0, k1, j, j1, m0, first, pf); break;
-      case 2: nn_tile<T, 2>(x, w, out, K, N, k0, k1, j, j1, m0, first, pf); break;
-      case 3: nn_tile<T, 3>(x, w, out, K, N, k0, k1, j, j1, m0, first, pf); break;
-      case 4: nn_tile<T, 4>(x, w, out, K, N, k0, k1, j, j1, m0, first, pf); break;
-      case 5: nn_tile<T, 5>(x, w, out, K, N, k0, k1, j, j1, m0, first, pf); break;
-      case 6: nn_tile<T, 6>(x, w, out, K, N, k0, k1, j, j1, m0, first, pf); break;
-      case 7: nn_tile<T, 7>(x, w, out, K, N, k0, k1, j, j1, m0, first, pf); break;
-      default: nn_tile<T, 8>(x, w, out, K, N, k0, k1, j, j1, m0, first, pf); break;
-    }
-  }
+  const __mmask16 mk[3] = {lane_mask(j1 - j), lane_mask(j1 - j - 16), lane_mask(j1 - j - 32)};
+  tiles_8x48<T, false>(M, x + k0, K, w + k0 * N + j, N, k1 - k0, out + j, N, mk, first);
 }
 
 constexpr int64_t kTileRows = 32;  // rows of W per pass over a block's columns
@@ -451,41 +462,21 @@ void nn_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
 
 // Many-row products (a prompt's prefill: M > kNnRows rows), after BLIS (Van Zee & van de
 // Geijn 2015) without its packing of x. A task owns kGemmPanels panels of 48 columns of W: it
-// copies them (bfloat16 widened) into a thread-local [K, 48 * panels] block, contiguous per
-// panel, then runs each panel, kc of its rows at a time, against every 8-row tile of x in turn,
-// so the panel's rows stay in L1/L2 while the tile's 8 rows of x are broadcast straight from x
-// (x streams from L3: 4 bytes per 96 flops). A copy is one task's own work, so one thread's
-// copy (bound by reading W from memory) overlaps the other's arithmetic. The register tile is
-// nn_tile's, 8 rows x 48 columns in 24 accumulators, 3 panel loads and 8 broadcasts per 24
-// FMAs. Why not XLA's dot: at 512 rows it ran at 100-120 GFLOP/s a core, this tile at 135-150
-// of the core's 173 peak (one thread, 576 x 1536 and 1536 x 576). Measured and slower: packing
-// x too (its copy costs what it saves), tasks of 128 rows x 4 panels (each panel came from L3
-// for only 16 tiles: 95-124 GFLOP/s).
-constexpr int64_t kNnRows = 16;      // up to here nn_many (no copies) is the faster
+// copies them (bfloat16 widened) into a thread-local block, contiguous per panel, then for
+// each chunk of kGemmChunk rows of x runs each panel, kc of its rows at a time, against the
+// chunk's 8-row tiles (tile_8x48: 24 accumulators, 3 panel loads and 8 broadcasts per 24
+// FMAs), so the panel's rows stay in L1/L2 and the chunk of x in L2 while the tile's 8 rows
+// are broadcast straight from x. A copy is one task's own work, so one thread's copy (bound
+// by reading W from memory, ~11 GB/s) overlaps the other's arithmetic. Measured, 512 rows,
+// 2 threads, weights cycled from memory: 245-260 GFLOP/s of the cores' ~330 peak, where XLA's
+// dot ran 186-209 and PyTorch's oneDNN 243-263 in the same process. Measured and no better:
+// packing x too (its copy costs what it saves), tasks of 128 rows x 4 pre-copied panels (each
+// panel read from L3 for only 16 tiles), 12 x 32, 14 x 32 and 6 x 64 tiles, one panel a task,
+// prefetching x by hand. Up to kNnRows rows nn_many is the faster (no copy: 15-20 GB/s of
+// weights at 4-16 rows against 10-13 here).
+constexpr int64_t kNnRows = 16;      // up to here nn_many
 constexpr int64_t kGemmDepth = 192;  // rows of a panel per pass over the tiles (36 KB)
 constexpr int64_t kGemmPanels = 2;   // panels per task
-
-template <int MR>
-void gemm_tile(const float* a, int64_t lda, const float* panel, int64_t kc, float* c,
-               int64_t ldc, const __mmask16 (&mk)[3], bool first) {
-  __m512 acc[MR][3];
-  _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)
-    _Pragma("GCC unroll 3") for (int v = 0; v < 3; ++v)
-      acc[r][v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mk[v], c + r * ldc + 16 * v);
-  _Pragma("GCC unroll 2") for (int64_t k = 0; k < kc; ++k) {
-    const float* b = panel + k * kTileCols;
-    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32);
-    _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) {
-      const __m512 x = _mm512_set1_ps(a[r * lda + k]);
-      acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(x, b2, acc[r][2]);
-    }
-  }
-  _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)
-    _Pragma("GCC unroll 3") for (int v = 0; v < 3; ++v)
-      _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mk[v], acc[r][v]);
-}
 
 // One weight of a gemm_many call, or with `up` a gated pair: out = silu(x @ w) * (x @ up).
 struct GemmPlan {
@@ -561,22 +552,10 @@ void gemm_task(const GemmPlan& g, const float* x, int64_t M, int64_t K, int64_t 
         const int64_t j = (p0 + q % n) * kTileCols;
         const __mmask16 mk[3] = {lane_mask(g.N - j), lane_mask(g.N - j - 16), lane_mask(g.N - j - 32)};
         const float* panel = packed + q * panel_size + k0 * kTileCols;
-        for (int64_t m = m0; m < m1; m += 8) {
-          const float* a = x + m * K + k0;
-          float* c = g.up ? strip + (q * kGemmChunk + m - m0) * kTileCols : g.out + m * g.N + j;
-          const int64_t ldc = g.up ? kTileCols : g.N;
-          const bool first = k0 == 0 && !accumulate;  // else onto what out (or the strip) holds
-          switch (std::min<int64_t>(8, m1 - m)) {
-            case 1: gemm_tile<1>(a, K, panel, rows, c, ldc, mk, first); break;
-            case 2: gemm_tile<2>(a, K, panel, rows, c, ldc, mk, first); break;
-            case 3: gemm_tile<3>(a, K, panel, rows, c, ldc, mk, first); break;
-            case 4: gemm_tile<4>(a, K, panel, rows, c, ldc, mk, first); break;
-            case 5: gemm_tile<5>(a, K, panel, rows, c, ldc, mk, first); break;
-            case 6: gemm_tile<6>(a, K, panel, rows, c, ldc, mk, first); break;
-            case 7: gemm_tile<7>(a, K, panel, rows, c, ldc, mk, first); break;
-            default: gemm_tile<8>(a, K, panel, rows, c, ldc, mk, first); break;
-          }
-        }
+        float* c = g.up ? strip + q * kGemmChunk * kTileCols : g.out + m0 * g.N + j;
+        const bool first = k0 == 0 && !accumulate;  // else onto what out (or the strip) holds
+        tiles_8x48<float, true>(m1 - m0, x + m0 * K + k0, K, panel, kTileCols, rows, c,
+                                g.up ? kTileCols : g.N, mk, first);
       }
     }
     for (int64_t q = 0; g.up && q < n; ++q) {
