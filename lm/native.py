@@ -29,8 +29,8 @@ matmuls only through the kernel: 205-212 tok/s against 177 through XLA, same hos
 bfloat16 matmuls at 16 rows are no faster than XLA's (both ~160 tok/s before the attention
 step moved here too). Products of more rows (a prompt's prefill) copy W into 48-column panels
 and run the same 8 x 48 register tiles over them (``fits_matmul``): in float32 about XLA's own
-GEMM rate (175-224 against 186-209 GFLOP/s on 2 threads at 512 rows, both below the 243-263 of
-PyTorch's oneDNN in the same process), but bfloat16 weights are widened in the copy, once, where
+GEMM rate (side by side in one process at 512 rows, 2 threads: 175-224 GFLOP/s, XLA's dot
+186-209, PyTorch's oneDNN 243-263), but bfloat16 weights are widened in the copy, once, where
 XLA's dot widened them through memory (a 512-token SmolLM2 prefill in bfloat16: 0.63 s against
 0.98), and an MLP's silu(x Wg) * (x Wu) leaves the kernel as one array (``gated_matmul``). The
 prefill's attention is here:
@@ -249,7 +249,7 @@ def _call(
             transpose_w=transpose_w,
             gated=gated,
             accumulate=residual is not None,
-        )  # fmt: skip
+        )
     )
 
 

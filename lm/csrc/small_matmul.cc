@@ -468,8 +468,10 @@ void nn_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
 // FMAs), so the panel's rows stay in L1/L2 and the chunk of x in L2 while the tile's 8 rows
 // are broadcast straight from x. A copy is one task's own work, so one thread's copy (bound
 // by reading W from memory, ~11 GB/s) overlaps the other's arithmetic. Measured, 512 rows,
-// 2 threads, weights cycled from memory: 245-260 GFLOP/s of the cores' ~330 peak, where XLA's
-// dot ran 186-209 and PyTorch's oneDNN 243-263 in the same process. Measured and no better:
+// 2 threads, weights cycled from memory: 245-260 GFLOP/s of the cores' ~330 peak in a C++
+// harness; side by side in one process 175-224, XLA's dot 186-209, PyTorch's oneDNN 243-263
+// (so about XLA's rate in float32; bfloat16 weights are widened once, in the copy, where XLA's
+// dot widened them through memory). Measured and no better:
 // packing x too (its copy costs what it saves), tasks of 128 rows x 4 pre-copied panels (each
 // panel read from L3 for only 16 tiles), 12 x 32, 14 x 32 and 6 x 64 tiles, one panel a task,
 // prefetching x by hand. Up to kNnRows rows nn_many is the faster (no copy: 15-20 GB/s of
