@@ -65,8 +65,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 DTYPES = (jnp.float32, jnp.bfloat16)  # weight dtypes the kernel reads
-# Products (and attention steps) with more rows than this stay with XLA (see the module
-# docstring); the tied LM head ([V, D] rows read whole) is 1.2-1.4x XLA up to 16 rows too.
+# Decoding steps' attention and the transposed head ([V, D] rows read whole: 1.2-1.4x XLA up
+# to 16 rows) take at most this many rows (``fits``); products x @ W [K, N] take any number,
+# more than this going to the packed-panel GEMM (``fits_matmul``).
 MAX_ROWS = 16
 TARGET = "lm_small_matmul"
 ATTENTION_TARGET = "lm_decode_attention"
