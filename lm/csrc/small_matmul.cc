@@ -33,6 +33,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -51,6 +52,16 @@ using bf16 = uint16_t;
 // The first clamp(n, 0, 16) lanes: the mask of a (possibly partial, possibly empty) vector.
 inline __mmask16 lane_mask(int64_t n) {
   return static_cast<__mmask16>(n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1);
+}
+
+// f(std::integral_constant<int, R>{}) for the runtime r in [1, Max]: a register tile's row
+// count as the compile-time R its accumulator array needs (r > Max runs Max).
+template <int Max, typename F>
+inline void with_rows(int64_t r, F&& f) {
+  if constexpr (Max > 1) {
+    if (r < Max) return with_rows<Max - 1>(r, f);
+  }
+  f(std::integral_constant<int, Max>{});
 }
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -187,14 +198,7 @@ template <typename T, int NR>
 void nt_rows(const float* x, const T* w, float* out, int64_t M, int64_t K, int64_t N,
              int64_t n0) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    switch (std::min<int64_t>(kMaxRows, M - m0)) {
-      case 1: nt_tile<T, 1, NR>(x, w, out, K, N, m0, n0); break;
-      case 2: nt_tile<T, 2, NR>(x, w, out, K, N, m0, n0); break;
-      case 3: nt_tile<T, 3, NR>(x, w, out, K, N, m0, n0); break;
-      case 4: nt_tile<T, 4, NR>(x, w, out, K, N, m0, n0); break;
-      case 5: nt_tile<T, 5, NR>(x, w, out, K, N, m0, n0); break;
-      default: nt_tile<T, 6, NR>(x, w, out, K, N, m0, n0); break;
-    }
+    with_rows<kMaxRows>(M - m0, [&](auto R) { nt_tile<T, R, NR>(x, w, out, K, N, m0, n0); });
   }
 }
 
@@ -337,15 +341,9 @@ template <typename T, bool Packed>
 void tiles_8x48(int64_t rows, const float* a, int64_t lda, const T* b, int64_t ldb, int64_t kc,
                 float* c, int64_t ldc, const __mmask16 (&mk)[3], bool first) {
   for (int64_t m = 0; m < rows; m += 8, a += 8 * lda, c += 8 * ldc) {
-    switch (std::min<int64_t>(8, rows - m)) {
-#define LM_TILE(R)                                                                   \
-  case R:                                                                            \
-    tile_8x48<T, R, Packed>(a, lda, b, ldb, kc, c, ldc, mk, first, m == 0);          \
-    break;
-      LM_TILE(1) LM_TILE(2) LM_TILE(3) LM_TILE(4) LM_TILE(5) LM_TILE(6) LM_TILE(7)
-      default: LM_TILE(8)
-#undef LM_TILE
-    }
+    with_rows<8>(rows - m, [&](auto R) {
+      tile_8x48<T, R, Packed>(a, lda, b, ldb, kc, c, ldc, mk, first, m == 0);
+    });
   }
 }
 
@@ -1162,15 +1160,6 @@ inline float sum16(const float* a, const float* b, int64_t n) {  // sum a*b (b n
   return _mm512_reduce_add_ps(acc);
 }
 
-// tile_gemm for rows (1 <= rows <= R) known only at run time.
-template <int R, int C, bool TA>
-inline void tile_gemm_rows(int rows, const float* a, int64_t lda, int64_t L, const float* b,
-                           int64_t ldb, const __mmask16* mk, __m512* out) {
-  if constexpr (R > 1) {
-    if (rows < R) return tile_gemm_rows<R - 1, C, TA>(rows, a, lda, L, b, ldb, mk, out);
-  }
-  tile_gemm<float, R, C, TA>(a, lda, L, b, ldb, mk, out);
-}
 
 // Register tiles of C vectors of columns: 6 rows of 4 vectors or 12 of 2 (at most 24
 // accumulators + C loads + 1 broadcast of the 32 registers). Two vectors serve 32-float heads
@@ -1188,7 +1177,9 @@ void gemm_tiles(const float* A, int64_t lda, const float* B, int64_t ldb, float*
     for (int c = 0; c < C; ++c) mk[c] = lane_mask(N - n0 - 16 * c);
     for (int64_t m0 = 0; m0 < M; m0 += RT) {
       const int R = static_cast<int>(std::min<int64_t>(RT, M - m0));
-      tile_gemm_rows<RT, C, TA>(R, TA ? A + m0 : A + m0 * lda, lda, L, B + n0, ldb, mk, acc);
+      with_rows<RT>(R, [&](auto Rt) {
+        tile_gemm<float, Rt, C, TA>(TA ? A + m0 : A + m0 * lda, lda, L, B + n0, ldb, mk, acc);
+      });
       for (int r = 0; r < R; ++r) {
         float* cr = Cm + (m0 + r) * ldc + n0;
         for (int c = 0; c < C; ++c) {
