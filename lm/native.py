@@ -41,7 +41,7 @@ Both attention kernels apply RoPE to q and k themselves (the tables come from
 The source is compiled on first use with the system C++ compiler against jaxlib's FFI headers
 (``-O3 -march=native``, about 6 s) into ``$LM_NATIVE_CACHE`` (default
 ``~/.cache/lm/native``), keyed by the source, jaxlib version and CPU. Without a compiler,
-without AVX-512 (F, BW, VL), off the CPU backend, or with ``LM_NATIVE=0``, ``available()`` is
+without AVX-512 (F, BW, VL) or AVX2 + FMA, off the CPU backend, or with ``LM_NATIVE=0``, ``available()`` is
 false and everything runs through XLA, with the same results up to float32 rounding.
 """
 
@@ -82,7 +82,21 @@ MLP_ACTIVATIONS = ("gelu_tanh", "relu")
 # buffers: longer sequences stay with XLA (lm.layers.dot_attention).
 TRAIN_MAX_SCORES = 64 * 1024
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "small_matmul.cc")
-_REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+HEADERS = (os.path.join(os.path.dirname(SOURCE), "simd.h"),)  # included by SOURCE
+# Either instruction set suffices (lm/csrc/simd.h): AVX-512 runs 16 lanes an instruction with
+# 32 registers, AVX2 + FMA (AMD Zen, Intel before Skylake-X) 8 lanes with 16.
+AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+AVX2_FLAGS = ("avx2", "fma")
+
+
+def isa() -> str | None:
+    """The instruction set the kernels compile for on this CPU: "avx512", "avx2" or None."""
+    flags = _cpu_flags()
+    if set(AVX512_FLAGS) <= flags:
+        return "avx512"
+    if set(AVX2_FLAGS) <= flags:
+        return "avx2"
+    return None
 
 
 def _cpu_flags() -> set[str]:
@@ -107,8 +121,9 @@ def _library_path() -> str:
     import jaxlib
 
     key = hashlib.sha256()
-    with open(SOURCE, "rb") as f:
-        key.update(f.read())
+    for name in (SOURCE, *HEADERS):
+        with open(name, "rb") as f:
+            key.update(f.read())
     key.update(jaxlib.__version__.encode())
     key.update(" ".join(sorted(_cpu_flags())).encode())
     return os.path.join(_cache_dir(), f"small_matmul-{key.hexdigest()[:16]}.so")
@@ -144,7 +159,7 @@ def available() -> bool:
         return False
     if jax.default_backend() != "cpu" or platform.machine() not in ("x86_64", "AMD64"):
         return False
-    if not set(_REQUIRED_FLAGS) <= _cpu_flags():
+    if isa() is None:
         return False
     path = _library_path()
     try:

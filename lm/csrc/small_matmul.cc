@@ -22,8 +22,6 @@
 // running at once cannot deadlock; a helper that arrives after the work is gone lingers for
 // the next call (see Linger) or returns its thread to the pool.
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -37,11 +35,8 @@
 #include <utility>
 #include <vector>
 
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
-
-#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__)
-#error "small_matmul needs AVX-512 (F, BW, VL); lm falls back to XLA's dot without it"
-#endif
 
 namespace ffi = xla::ffi;
 
@@ -50,8 +45,8 @@ namespace {
 using bf16 = uint16_t;
 
 // The first clamp(n, 0, 16) lanes: the mask of a (possibly partial, possibly empty) vector.
-inline __mmask16 lane_mask(int64_t n) {
-  return static_cast<__mmask16>(n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1);
+inline v::mask lane_mask(int64_t n) {
+  return static_cast<v::mask>(n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1);
 }
 
 // f(std::integral_constant<int, R>{}) for the runtime r in [1, Max]: a register tile's row
@@ -64,17 +59,10 @@ inline void with_rows(int64_t r, F&& f) {
   f(std::integral_constant<int, Max>{});
 }
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16* p) {
-  // bfloat16 is the top half of a float32: widen to 32 bits and shift left by 16.
-  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const bf16* p, __mmask16 m) {
-  __m256i v = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
+inline v::f32 load16(const float* p) { return v::loadu(p); }
+inline v::f32 load16(const bf16* p) { return v::load_bf16(p); }
+inline v::f32 load16(const float* p, v::mask m) { return v::maskz_loadu(m, p); }
+inline v::f32 load16(const bf16* p, v::mask m) { return v::maskz_load_bf16(m, p); }
 
 // out[:, j0:j1] += x[:, k0:k0+KB] @ W[k0:k0+KB, j0:j1]: KB rows of W are read as KB
 // contiguous runs of (j1 - j0) columns, the access pattern the hardware prefetcher follows
@@ -86,17 +74,17 @@ void nn_rows(const float* x, const T* w, float* out, int64_t M, int64_t K, int64
   const T* wk = w + k0 * N;
   for (int64_t j = j0; j < j1; j += 16) {
     const int64_t rem = j1 - j;
-    const __mmask16 mask = lane_mask(rem);
-    __m512 wv[KB];
+    const v::mask mask = lane_mask(rem);
+    v::f32 wv[KB];
     _Pragma("GCC unroll 16") for (int i = 0; i < KB; ++i) wv[i] = load16(wk + i * N + j, mask);
     for (int64_t m = 0; m < M; ++m) {
       float* o = out + m * N + j;
       const float* xm = x + m * K + k0;
-      __m512 acc = _mm512_maskz_loadu_ps(mask, o);
+      v::f32 acc = v::maskz_loadu(mask, o);
       _Pragma("GCC unroll 16") for (int i = 0; i < KB; ++i) {
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(xm[i]), wv[i], acc);
+        acc = v::fmadd(v::set1(xm[i]), wv[i], acc);
       }
-      _mm512_mask_storeu_ps(o, mask, acc);
+      v::mask_storeu(o, mask, acc);
     }
   }
 }
@@ -105,50 +93,29 @@ void nn_rows(const float* x, const T* w, float* out, int64_t M, int64_t K, int64
 template <typename T, int MR, int NR>
 void nt_tile(const float* x, const T* w, float* out, int64_t K, int64_t N, int64_t m0,
              int64_t n0) {
-  __m512 acc[MR][NR];
+  v::f32 acc[MR][NR];
   _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)
-    _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
+    _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) acc[r][c] = v::setzero();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    __m512 wv[NR];
+    v::f32 wv[NR];
     _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) wv[c] = load16(w + (n0 + c) * K + k);
     _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {
-      __m512 xv = _mm512_loadu_ps(x + (m0 + r) * K + k);
-      _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+      v::f32 xv = v::loadu(x + (m0 + r) * K + k);
+      _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) acc[r][c] = v::fmadd(xv, wv[c], acc[r][c]);
     }
   }
   if (k < K) {
-    __mmask16 m = lane_mask(K - k);
-    __m512 wv[NR];
+    v::mask m = lane_mask(K - k);
+    v::f32 wv[NR];
     _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) wv[c] = load16(w + (n0 + c) * K + k, m);
     _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {
-      __m512 xv = _mm512_maskz_loadu_ps(m, x + (m0 + r) * K + k);
-      _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+      v::f32 xv = v::maskz_loadu(m, x + (m0 + r) * K + k);
+      _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) acc[r][c] = v::fmadd(xv, wv[c], acc[r][c]);
     }
   }
   _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)
-    _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) out[(m0 + r) * N + n0 + c] = _mm512_reduce_add_ps(acc[r][c]);
-}
-
-// The 16 sums of a[0..15] as the lanes of one vector, lane i = sum of a[i]'s lanes: pairs of
-// vectors interleaved and added, then 64-bit halves, then 128-bit quarters (45 instructions
-// where 16 separate reductions take ~160).
-inline __m512 sum16x16(const __m512 (&a)[16]) {
-  __m512 b[8], c[4], d[2];
-  for (int i = 0; i < 8; ++i) {
-    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
-                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  }
-  for (int i = 0; i < 4; ++i) {
-    const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(b[2 * i]), _mm512_castps_pd(b[2 * i + 1]));
-    const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(b[2 * i]), _mm512_castps_pd(b[2 * i + 1]));
-    c[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
-  }
-  for (int i = 0; i < 2; ++i) {
-    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
-  }
-  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
+    _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) out[(m0 + r) * N + n0 + c] = v::reduce_add(acc[r][c]);
 }
 
 // nt_tile for MR x NR = 16 products (4 x 4, 2 x 8 or 1 x 16) whose dot products are reduced
@@ -159,23 +126,23 @@ template <typename T, int MR, int NR>
 void nt_tile16(const float* x, const T* w, float* out, int64_t K, int64_t N, int64_t m0,
                int64_t n0) {
   static_assert(MR * NR == 16);
-  __m512 acc[16];
-  _Pragma("GCC unroll 16") for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  v::f32 acc[16];
+  _Pragma("GCC unroll 16") for (int i = 0; i < 16; ++i) acc[i] = v::setzero();
   for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = lane_mask(K - k);
-    __m512 wv[NR];
+    const v::mask m = lane_mask(K - k);
+    v::f32 wv[NR];
     _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) wv[c] = load16(w + (n0 + c) * K + k, m);
     _Pragma("GCC unroll 4") for (int r = 0; r < MR; ++r) {
-      const __m512 xv = _mm512_maskz_loadu_ps(m, x + (m0 + r) * K + k);
-      _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) acc[r * NR + c] = _mm512_fmadd_ps(xv, wv[c], acc[r * NR + c]);
+      const v::f32 xv = v::maskz_loadu(m, x + (m0 + r) * K + k);
+      _Pragma("GCC unroll 16") for (int c = 0; c < NR; ++c) acc[r * NR + c] = v::fmadd(xv, wv[c], acc[r * NR + c]);
     }
   }
   // A copy: passing acc itself kept it in memory through the loop (16 stores a step).
-  __m512 fin[16];
+  v::f32 fin[16];
   _Pragma("GCC unroll 16") for (int i = 0; i < 16; ++i) fin[i] = acc[i];
-  const __m512 s = sum16x16(fin);  // lane r * NR + c: out[m0 + r, n0 + c]
+  const v::f32 s = v::sum16x16(fin);  // lane r * NR + c: out[m0 + r, n0 + c]
   _Pragma("GCC unroll 4") for (int r = 0; r < MR; ++r) {
-    _mm512_mask_storeu_ps(out + (m0 + r) * N + n0 - r * NR, static_cast<__mmask16>(((1u << NR) - 1) << (r * NR)), s);
+    v::mask_storeu(out + (m0 + r) * N + n0 - r * NR, static_cast<v::mask>(((1u << NR) - 1) << (r * NR)), s);
   }
 }
 
@@ -191,8 +158,9 @@ void nt_rows16(const float* x, const T* w, float* out, int64_t M, int64_t K, int
   for (; m0 < M; ++m0) nt_tile16<T, 1, 16>(x, w, out, K, N, m0, n0);
 }
 
-// Row tiles of up to 6 (6 x 4 accumulators + 4 weight vectors + 1 broadcast <= 32 registers).
-constexpr int kMaxRows = 6;
+// Row tiles of up to 6 (6 x 4 accumulators + 4 weight vectors + 1 broadcast <= 32 registers);
+// on AVX2 one (4 accumulators and 4 weight vectors take all 16 ymm registers).
+constexpr int kMaxRows = v::kAvx512 ? 6 : 1;
 
 template <typename T, int NR>
 void nt_rows(const float* x, const T* w, float* out, int64_t M, int64_t K, int64_t N,
@@ -298,6 +266,9 @@ void parallel_for(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int6
 // columns per tile (4 or 2 rows), 64 or 16 rows of W per pass, prefetching into L2, column
 // chunks across the threads instead of row chunks.
 constexpr int kTileCols = 48;
+// Rows of a tile: 8 x 3 accumulators of the 32 zmm registers; on AVX2, where a vector takes
+// two of 16 ymm registers, 2 (12 registers of accumulators, the panel's loads beside them).
+constexpr int kTileRowsMax = v::kAvx512 ? 8 : 2;
 
 // c[r, :] (+)= sum_k a[r * lda + k] * b[k * ldb + :48] for MR <= 8 rows: the register tile of
 // nn (b a block of W in place, with `prefetch` fetching the next tile's segments of b) and of
@@ -306,11 +277,11 @@ constexpr int kTileCols = 48;
 // are neither read nor written.
 template <typename T, int MR, bool Packed>
 void tile_8x48(const float* a, int64_t lda, const T* b, int64_t ldb, int64_t kc, float* c,
-               int64_t ldc, const __mmask16 (&mk)[3], bool first, bool prefetch) {
-  __m512 acc[MR][3];
+               int64_t ldc, const v::mask (&mk)[3], bool first, bool prefetch) {
+  v::f32 acc[MR][3];
   _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)
     _Pragma("GCC unroll 3") for (int v = 0; v < 3; ++v)
-      acc[r][v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mk[v], c + r * ldc + 16 * v);
+      acc[r][v] = first ? v::setzero() : v::maskz_loadu(mk[v], c + r * ldc + 16 * v);
   auto step = [&](int64_t k) __attribute__((always_inline)) {
     const T* bk = b + k * ldb;
     if (!Packed && prefetch) {
@@ -318,12 +289,12 @@ void tile_8x48(const float* a, int64_t lda, const T* b, int64_t ldb, int64_t kc,
       _mm_prefetch(reinterpret_cast<const char*>(bk + kTileCols + 32), _MM_HINT_T0);
       if (sizeof(T) == 4) _mm_prefetch(reinterpret_cast<const char*>(bk + kTileCols + 16), _MM_HINT_T0);
     }
-    const __m512 b0 = load16(bk, mk[0]), b1 = load16(bk + 16, mk[1]), b2 = load16(bk + 32, mk[2]);
+    const v::f32 b0 = load16(bk, mk[0]), b1 = load16(bk + 16, mk[1]), b2 = load16(bk + 32, mk[2]);
     _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) {
-      const __m512 x = _mm512_set1_ps(a[r * lda + k]);
-      acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(x, b2, acc[r][2]);
+      const v::f32 x = v::set1(a[r * lda + k]);
+      acc[r][0] = v::fmadd(x, b0, acc[r][0]);
+      acc[r][1] = v::fmadd(x, b1, acc[r][1]);
+      acc[r][2] = v::fmadd(x, b2, acc[r][2]);
     }
   };
   if (Packed) {
@@ -333,15 +304,15 @@ void tile_8x48(const float* a, int64_t lda, const T* b, int64_t ldb, int64_t kc,
   }
   _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)
     _Pragma("GCC unroll 3") for (int v = 0; v < 3; ++v)
-      _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mk[v], acc[r][v]);
+      v::mask_storeu(c + r * ldc + 16 * v, mk[v], acc[r][v]);
 }
 
 // tile_8x48 over `rows` rows of a and c, 8 at a time (nn prefetches in the first only).
 template <typename T, bool Packed>
 void tiles_8x48(int64_t rows, const float* a, int64_t lda, const T* b, int64_t ldb, int64_t kc,
-                float* c, int64_t ldc, const __mmask16 (&mk)[3], bool first) {
-  for (int64_t m = 0; m < rows; m += 8, a += 8 * lda, c += 8 * ldc) {
-    with_rows<8>(rows - m, [&](auto R) {
+                float* c, int64_t ldc, const v::mask (&mk)[3], bool first) {
+  for (int64_t m = 0; m < rows; m += kTileRowsMax, a += kTileRowsMax * lda, c += kTileRowsMax * ldc) {
+    with_rows<kTileRowsMax>(rows - m, [&](auto R) {
       tile_8x48<T, R, Packed>(a, lda, b, ldb, kc, c, ldc, mk, first, m == 0);
     });
   }
@@ -351,7 +322,7 @@ void tiles_8x48(int64_t rows, const float* a, int64_t lda, const T* b, int64_t l
 template <typename T>
 void nn_tile_rows(const float* x, const T* w, float* out, int64_t M, int64_t K, int64_t N,
                   int64_t k0, int64_t k1, int64_t j, int64_t j1, bool first) {
-  const __mmask16 mk[3] = {lane_mask(j1 - j), lane_mask(j1 - j - 16), lane_mask(j1 - j - 32)};
+  const v::mask mk[3] = {lane_mask(j1 - j), lane_mask(j1 - j - 16), lane_mask(j1 - j - 32)};
   tiles_8x48<T, false>(M, x + k0, K, w + k0 * N + j, N, k1 - k0, out + j, N, mk, first);
 }
 
@@ -504,25 +475,23 @@ void gemm_pack(const void* wv, int64_t N, int64_t K, int64_t p0, int64_t p1, flo
       const int64_t j = (p - p0) * kTileCols;
       float* d = dst + ((p - p0) * K + k) * kTileCols;
       _Pragma("GCC unroll 3") for (int v = 0; v < 3; ++v) {
-        _mm512_storeu_ps(d + 16 * v, load16(src + j + 16 * v, lane_mask(width - j - 16 * v)));
+        v::storeu(d + 16 * v, load16(src + j + 16 * v, lane_mask(width - j - 16 * v)));
       }
     }
   }
 }
 
-inline __m512 exp16(__m512 x);
-
 // out[r, :n] = silu(g[r, :n]) * u[r, :n] = g / (1 + e^-g) * u for `rows` rows of g and u.
 inline void silu_mul(const float* g, const float* u, int64_t ld, int64_t rows, int64_t n,
                      float* out, int64_t ldo) {
-  const __m512 one = _mm512_set1_ps(1.0f);
+  const v::f32 one = v::set1(1.0f);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < n; c += 16) {
-      const __mmask16 m = lane_mask(n - c);
-      const __m512 gv = _mm512_maskz_loadu_ps(m, g + r * ld + c);
-      const __m512 uv = _mm512_maskz_loadu_ps(m, u + r * ld + c);
-      const __m512 den = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
-      _mm512_mask_storeu_ps(out + r * ldo + c, m, _mm512_mul_ps(_mm512_div_ps(gv, den), uv));
+      const v::mask m = lane_mask(n - c);
+      const v::f32 gv = v::maskz_loadu(m, g + r * ld + c);
+      const v::f32 uv = v::maskz_loadu(m, u + r * ld + c);
+      const v::f32 den = v::add(one, v::exp(v::sub(v::setzero(), gv)));
+      v::mask_storeu(out + r * ldo + c, m, v::mul(v::div(gv, den), uv));
     }
   }
 }
@@ -550,7 +519,7 @@ void gemm_task(const GemmPlan& g, const float* x, int64_t M, int64_t K, int64_t 
       const int64_t rows = std::min(kc, K - k0);
       for (int64_t q = 0; q < copies * n; ++q) {
         const int64_t j = (p0 + q % n) * kTileCols;
-        const __mmask16 mk[3] = {lane_mask(g.N - j), lane_mask(g.N - j - 16), lane_mask(g.N - j - 32)};
+        const v::mask mk[3] = {lane_mask(g.N - j), lane_mask(g.N - j - 16), lane_mask(g.N - j - 32)};
         const float* panel = packed + q * panel_size + k0 * kTileCols;
         float* c = g.up ? strip + q * kGemmChunk * kTileCols : g.out + m0 * g.N + j;
         const bool first = k0 == 0 && !accumulate;  // else onto what out (or the strip) holds
@@ -588,7 +557,8 @@ void nt(ffi::ThreadPool& pool, const float* x, const T* w, float* out, int64_t M
   parallel_for(pool, chunks, [=](int64_t c) {
     const int64_t end = std::min(N, (c + 1) * kRowsPerChunk);
     int64_t n0 = c * kRowsPerChunk;
-    for (; n0 + 16 <= end; n0 += 16) nt_rows16<T>(x, w, out, M, K, N, n0);
+    // nt_tile16's 16 accumulators are 32 ymm registers on AVX2: there groups of 4 rows of W.
+    for (; v::kAvx512 && n0 + 16 <= end; n0 += 16) nt_rows16<T>(x, w, out, M, K, N, n0);
     for (; n0 + 4 <= end; n0 += 4) nt_rows<T, 4>(x, w, out, M, K, N, n0);
     for (; n0 < end; ++n0) nt_rows<T, 1>(x, w, out, M, K, N, n0);
   });
@@ -676,25 +646,6 @@ ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Remainin
 // A masked key scores the lowest float32, as lm.layers.dot_attention, so a row without any
 // visible key averages all values (never the case in decoding: a token sees itself).
 
-// e^x for float32 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
-// (relative error < 2e-7), times 2^n by vscalefps. Inputs below -87.3 give 0 (a masked key).
-inline __m512 exp16(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
-}
-
 // x rotated by RoPE (Su et al. 2021) in HF's rotate-half layout: for i < half = H / 2,
 // (x[i], x[i + half]) -> (x[i] c[i] - x[i + half] s[i], x[i + half] c[i] + x[i] s[i]), with c
 // and s the cosines and sines of the token's angles. half == 0: no rotation (a copy).
@@ -707,11 +658,11 @@ inline void rope(const float* x, const float* c, const float* s, int64_t H, int6
     return;
   }
   for (int64_t i = 0; i < half; i += 16) {
-    const __mmask16 m = lane_mask(half - i);
-    const __m512 x1 = _mm512_maskz_loadu_ps(m, x + i), x2 = _mm512_maskz_loadu_ps(m, x + half + i);
-    const __m512 cv = _mm512_maskz_loadu_ps(m, c + i), sv = _mm512_maskz_loadu_ps(m, s + i);
-    _mm512_mask_storeu_ps(out + i, m, _mm512_fnmadd_ps(x2, sv, _mm512_mul_ps(x1, cv)));
-    _mm512_mask_storeu_ps(out + half + i, m, _mm512_fmadd_ps(x1, sv, _mm512_mul_ps(x2, cv)));
+    const v::mask m = lane_mask(half - i);
+    const v::f32 x1 = v::maskz_loadu(m, x + i), x2 = v::maskz_loadu(m, x + half + i);
+    const v::f32 cv = v::maskz_loadu(m, c + i), sv = v::maskz_loadu(m, s + i);
+    v::mask_storeu(out + i, m, v::fnmadd(x2, sv, v::mul(x1, cv)));
+    v::mask_storeu(out + half + i, m, v::fmadd(x1, sv, v::mul(x2, cv)));
   }
 }
 
@@ -730,40 +681,40 @@ inline void store_as(bf16* p, float x) {
 
 // x[0, n) <- e^(x - max x) (a softmax's numerators, in place); returns 1 / their sum.
 inline float softmax_row(float* x, int64_t n) {
-  __m512 mx = _mm512_set1_ps(-3.4028235e38f);
+  v::f32 mx = v::set1(-3.4028235e38f);
   int64_t s = 0;
-  for (; s + 16 <= n; s += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(x + s));
-  const __mmask16 tail = lane_mask(n - s);
-  if (n - s) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, x + s));
-  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-  __m512 sum = _mm512_setzero_ps();
+  for (; s + 16 <= n; s += 16) mx = v::max(mx, v::loadu(x + s));
+  const v::mask tail = lane_mask(n - s);
+  if (n - s) mx = v::mask_max(mx, tail, mx, v::maskz_loadu(tail, x + s));
+  const v::f32 m = v::set1(v::reduce_max(mx));
+  v::f32 sum = v::setzero();
   for (s = 0; s + 16 <= n; s += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + s), m));
-    _mm512_storeu_ps(x + s, e);
-    sum = _mm512_add_ps(sum, e);
+    const v::f32 e = v::exp(v::sub(v::loadu(x + s), m));
+    v::storeu(x + s, e);
+    sum = v::add(sum, e);
   }
   if (n - s) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + s), m));
-    _mm512_mask_storeu_ps(x + s, tail, e);
-    sum = _mm512_mask_add_ps(sum, tail, sum, e);
+    const v::f32 e = v::exp(v::sub(v::maskz_loadu(tail, x + s), m));
+    v::mask_storeu(x + s, tail, e);
+    sum = v::mask_add(sum, tail, sum, e);
   }
-  return 1.0f / _mm512_reduce_add_ps(sum);
+  return 1.0f / v::reduce_add(sum);
 }
 
 // acc = sum_i a[i] * rows[i, col0 : col0 + 64] for rows [n, width] (row-major), 4 vectors of
 // 16 columns; mk masks off the columns at or past width.
 template <typename T>
 void combine_rows(const float* a, const T* rows, int64_t n, int64_t width, int64_t col0,
-                  __mmask16 (&mk)[4], __m512 (&acc)[4]) {
+                  v::mask (&mk)[4], v::f32 (&acc)[4]) {
   for (int c = 0; c < 4; ++c) {
     mk[c] = lane_mask(width - col0 - 16 * c);
-    acc[c] = _mm512_setzero_ps();
+    acc[c] = v::setzero();
   }
   for (int64_t i = 0; i < n; ++i) {
-    const __m512 ab = _mm512_set1_ps(a[i]);
+    const v::f32 ab = v::set1(a[i]);
     const T* row = rows + i * width + col0;
     _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) {
-      acc[c] = _mm512_fmadd_ps(ab, load16(row + 16 * c, mk[c]), acc[c]);
+      acc[c] = v::fmadd(ab, load16(row + 16 * c, mk[c]), acc[c]);
     }
   }
 }
@@ -772,31 +723,30 @@ void combine_rows(const float* a, const T* rows, int64_t n, int64_t width, int64
 template <typename T>
 void attend_one(const float* q, const T* k, const T* v, const uint8_t* mask, float* out,
                 int64_t G, int64_t H, int64_t S, float scale, float* scores) {
-  const __m512 lowest = _mm512_set1_ps(-3.4028235e38f);
+  const v::f32 lowest = v::set1(-3.4028235e38f);
   for (int64_t g = 0; g < G; ++g) {
     const float* qg = q + g * H;
     float* sg = scores + g * S;
     // scores[s] = sum_h q[h] K[h, s]: K's rows are contiguous in s.
     for (int64_t s0 = 0; s0 < S; s0 += 64) {
-      __mmask16 mk[4];
-      __m512 acc[4];
+      v::mask mk[4];
+      v::f32 acc[4];
       combine_rows(qg, k, H, S, s0, mk, acc);
       for (int c = 0; c < 4; ++c) {
         if (!mk[c]) break;
-        const __m128i m8 = _mm_maskz_loadu_epi8(mk[c], mask + s0 + 16 * c);
-        const __mmask16 seen = _mm_test_epi8_mask(m8, m8);
-        const __m512 sc = _mm512_mask_blend_ps(seen, lowest, _mm512_mul_ps(acc[c], _mm512_set1_ps(scale)));
-        _mm512_mask_storeu_ps(sg + s0 + 16 * c, mk[c], sc);
+        const v::mask seen = v::nonzero16(mask + s0 + 16 * c, mk[c]);
+        const v::f32 sc = v::mask_blend(seen, lowest, v::mul(acc[c], v::set1(scale)));
+        v::mask_storeu(sg + s0 + 16 * c, mk[c], sc);
       }
     }
     const float inv = softmax_row(sg, S);
     // out = (sum_s p[s] V[s, :]) / sum_s p[s]: V's rows are contiguous in h.
     for (int64_t h0 = 0; h0 < H; h0 += 64) {
-      __mmask16 mk[4];
-      __m512 acc[4];
+      v::mask mk[4];
+      v::f32 acc[4];
       combine_rows(sg, v, S, H, h0, mk, acc);
       for (int c = 0; c < 4; ++c) {
-        _mm512_mask_storeu_ps(out + g * H + h0 + 16 * c, mk[c], _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+        v::mask_storeu(out + g * H + h0 + 16 * c, mk[c], v::mul(acc[c], v::set1(inv)));
       }
     }
   }
@@ -908,7 +858,8 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 // skips the upper triangle); a masked key scores the lowest float32, as
 // lm.layers.dot_attention, and a vector that sees no key averages all E values.
 
-constexpr int kAttRows = 12;    // query vectors per register tile (12 x 2 accumulators)
+// query vectors per register tile: 12 x 2 accumulators (AVX2: 3 x 2, 12 of 16 ymm registers)
+constexpr int kAttRows = v::kAvx512 ? 12 : 3;
 constexpr int kAttCols = 2;     // 32 keys or value columns per tile, so 2 loads feed 24 FMAs
 constexpr int64_t kTokBlock = 32;  // tokens per task
 
@@ -918,17 +869,17 @@ constexpr int64_t kTokBlock = 32;  // tokens per task
 // instead of transposing them (two [64, 64] copies a task, a sixth of its time).
 template <typename T, int R, int C, bool TA>
 inline void tile_gemm(const float* a, int64_t lda, int64_t L, const T* b, int64_t ldb,
-                      const __mmask16* mk, __m512* out) {
-  __m512 acc[R][C];  // local accumulators: registers (accumulating into `out` kept it in memory)
+                      const v::mask* mk, v::f32* out) {
+  v::f32 acc[R][C];  // local accumulators: registers (accumulating into `out` kept it in memory)
   _Pragma("GCC unroll 12") for (int r = 0; r < R; ++r)
-    _Pragma("GCC unroll 4") for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+    _Pragma("GCC unroll 4") for (int c = 0; c < C; ++c) acc[r][c] = v::setzero();
   for (int64_t l = 0; l < L; ++l) {
     const T* bl = b + l * ldb;
-    __m512 bv[C];
+    v::f32 bv[C];
     _Pragma("GCC unroll 4") for (int c = 0; c < C; ++c) bv[c] = load16(bl + 16 * c, mk[c]);
     _Pragma("GCC unroll 12") for (int r = 0; r < R; ++r) {
-      const __m512 ab = _mm512_set1_ps(TA ? a[l * lda + r] : a[r * lda + l]);
-      _Pragma("GCC unroll 4") for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(ab, bv[c], acc[r][c]);
+      const v::f32 ab = v::set1(TA ? a[l * lda + r] : a[r * lda + l]);
+      _Pragma("GCC unroll 4") for (int c = 0; c < C; ++c) acc[r][c] = v::fmadd(ab, bv[c], acc[r][c]);
     }
   }
   _Pragma("GCC unroll 12") for (int r = 0; r < R; ++r)
@@ -942,18 +893,17 @@ template <typename T, int R, int C>
 void tile_attend(const float* q, const uint8_t* const* m, const T* k, const T* v,
                  float* const* out, int64_t H, int64_t S, int64_t e, float scale, float* sc,
                  int64_t ld) {
-  const __m512 lowest = _mm512_set1_ps(-3.4028235e38f);
-  __m512 acc[R * C];
-  __mmask16 mk[C];
+  const v::f32 lowest = v::set1(-3.4028235e38f);
+  v::f32 acc[R * C];
+  v::mask mk[C];
   for (int64_t s0 = 0; s0 < e; s0 += 16 * C) {
     for (int c = 0; c < C; ++c) mk[c] = lane_mask(e - s0 - 16 * c);
     tile_gemm<T, R, C, false>(q, H, H, k + s0, S, mk, acc);
     for (int r = 0; r < R; ++r) {
       for (int c = 0; c < C && mk[c]; ++c) {
-        const __m128i m8 = _mm_maskz_loadu_epi8(mk[c], m[r] + s0 + 16 * c);
-        const __mmask16 seen = _mm_test_epi8_mask(m8, m8);
-        const __m512 x = _mm512_mask_blend_ps(seen, lowest, _mm512_mul_ps(acc[r * C + c], _mm512_set1_ps(scale)));
-        _mm512_mask_storeu_ps(sc + r * ld + s0 + 16 * c, mk[c], x);
+        const v::mask seen = v::nonzero16(m[r] + s0 + 16 * c, mk[c]);
+        const v::f32 x = v::mask_blend(seen, lowest, v::mul(acc[r * C + c], v::set1(scale)));
+        v::mask_storeu(sc + r * ld + s0 + 16 * c, mk[c], x);
       }
     }
   }
@@ -964,7 +914,7 @@ void tile_attend(const float* q, const uint8_t* const* m, const T* k, const T* v
     tile_gemm<T, R, C, false>(sc, ld, e, v + h0, H, mk, acc);
     for (int r = 0; r < R; ++r) {
       for (int c = 0; c < C; ++c) {
-        _mm512_mask_storeu_ps(out[r] + h0 + 16 * c, mk[c], _mm512_mul_ps(acc[r * C + c], _mm512_set1_ps(inv[r])));
+        v::mask_storeu(out[r] + h0 + 16 * c, mk[c], v::mul(acc[r * C + c], v::set1(inv[r])));
       }
     }
   }
@@ -974,8 +924,7 @@ void tile_attend(const float* q, const uint8_t* const* m, const T* k, const T* v
 inline int64_t last_set(const uint8_t* m, int64_t n) {
   while (n > 0) {
     const int64_t lo = std::max<int64_t>(0, n - 64);
-    const __m512i x = _mm512_maskz_loadu_epi8(n - lo >= 64 ? ~0ull : (1ull << (n - lo)) - 1, m + lo);
-    const uint64_t nz = _mm512_test_epi8_mask(x, x);
+    const uint64_t nz = v::nonzero64(m + lo, n - lo >= 64 ? ~0ull : (1ull << (n - lo)) - 1);
     if (nz) return lo + 64 - __builtin_clzll(nz);
     n = lo;
   }
@@ -1018,19 +967,25 @@ void prefill_task(const Prefill& d, const float* q, const uint8_t* mask, const T
       e = std::max(e, last);
     }
     if (blind) e = d.E;
-    switch (R) {
-      case 1: tile_attend<T, 1, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      case 2: tile_attend<T, 2, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      case 3: tile_attend<T, 3, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      case 4: tile_attend<T, 4, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      case 5: tile_attend<T, 5, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      case 6: tile_attend<T, 6, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      case 7: tile_attend<T, 7, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      case 8: tile_attend<T, 8, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      case 9: tile_attend<T, 9, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      case 10: tile_attend<T, 10, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      case 11: tile_attend<T, 11, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
-      default: tile_attend<T, kAttRows, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+    if constexpr (kAttRows == 12) {
+      switch (R) {
+        case 1: tile_attend<T, 1, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+        case 2: tile_attend<T, 2, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+        case 3: tile_attend<T, 3, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+        case 4: tile_attend<T, 4, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+        case 5: tile_attend<T, 5, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+        case 6: tile_attend<T, 6, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+        case 7: tile_attend<T, 7, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+        case 8: tile_attend<T, 8, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+        case 9: tile_attend<T, 9, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+        case 10: tile_attend<T, 10, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+        case 11: tile_attend<T, 11, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+        default: tile_attend<T, kAttRows, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld); break;
+      }
+    } else {
+      with_rows<kAttRows>(R, [&](auto Rt) {
+        tile_attend<T, Rt, kAttCols>(qbuf, mr, kb, vb, orow, d.H, d.S, e, d.scale, sc, ld);
+      });
     }
   }
 }
@@ -1151,13 +1106,13 @@ ffi::Error PrefillAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 // transposes of dS and P and four-vector tiles on 32-float heads.
 
 inline float sum16(const float* a, const float* b, int64_t n) {  // sum a*b (b null: sum a)
-  __m512 acc = _mm512_setzero_ps();
+  v::f32 acc = v::setzero();
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = lane_mask(n - i);
-    const __m512 x = _mm512_maskz_loadu_ps(m, a + i);
-    acc = b ? _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(m, b + i), acc) : _mm512_add_ps(acc, x);
+    const v::mask m = lane_mask(n - i);
+    const v::f32 x = v::maskz_loadu(m, a + i);
+    acc = b ? v::fmadd(x, v::maskz_loadu(m, b + i), acc) : v::add(acc, x);
   }
-  return _mm512_reduce_add_ps(acc);
+  return v::reduce_add(acc);
 }
 
 
@@ -1167,10 +1122,10 @@ inline float sum16(const float* a, const float* b, int64_t n) {  // sum a*b (b n
 template <int C, bool TA>
 void gemm_tiles(const float* A, int64_t lda, const float* B, int64_t ldb, float* Cm, int64_t ldc,
                 int64_t M, int64_t L, int64_t N, float alpha, bool accumulate) {
-  constexpr int RT = 24 / C;
-  __m512 acc[RT * C];
-  __mmask16 mk[C];
-  const __m512 al = _mm512_set1_ps(alpha);
+  constexpr int RT = (v::kAvx512 ? 24 : 6) / C;  // AVX2: 12 of its 16 ymm registers
+  v::f32 acc[RT * C];
+  v::mask mk[C];
+  const v::f32 al = v::set1(alpha);
   // Column panels outside, row tiles inside: a panel of B (L x 64 floats, 32 KB at L = 128)
   // stays in L1 while every row tile passes over it.
   for (int64_t n0 = 0; n0 < N; n0 += 16 * C) {
@@ -1183,9 +1138,9 @@ void gemm_tiles(const float* A, int64_t lda, const float* B, int64_t ldb, float*
       for (int r = 0; r < R; ++r) {
         float* cr = Cm + (m0 + r) * ldc + n0;
         for (int c = 0; c < C; ++c) {
-          __m512 x = _mm512_mul_ps(acc[r * C + c], al);
-          if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mk[c], cr + 16 * c));
-          _mm512_mask_storeu_ps(cr + 16 * c, mk[c], x);
+          v::f32 x = v::mul(acc[r * C + c], al);
+          if (accumulate) x = v::add(x, v::maskz_loadu(mk[c], cr + 16 * c));
+          v::mask_storeu(cr + 16 * c, mk[c], x);
         }
       }
     }
@@ -1197,7 +1152,9 @@ void gemm_tiles(const float* A, int64_t lda, const float* B, int64_t ldb, float*
 void gemm_small(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                 int64_t M, int64_t L, int64_t N, float alpha, bool ta = false,
                 bool accumulate = false) {
-  if (N <= 32) {
+  // AVX2: always 2 vectors of columns (3 rows x 2 = 12 of its 16 ymm registers; 4 vectors
+  // leave one row a tile, every panel load feeding only 4 FMAs).
+  if (N <= 32 || !v::kAvx512) {
     (ta ? gemm_tiles<2, true> : gemm_tiles<2, false>)(A, lda, B, ldb, C, ldc, M, L, N, alpha, accumulate);
   } else {
     (ta ? gemm_tiles<4, true> : gemm_tiles<4, false>)(A, lda, B, ldb, C, ldc, M, L, N, alpha, accumulate);
@@ -1251,37 +1208,36 @@ inline int64_t block_extent(const int64_t* ext, int64_t t0, int64_t t1) {
 // Scores of rows [t0, t1) in p (row stride S), valid over [0, e): masked keys to the lowest
 // float32, softmax, the columns from e on set to 0.
 void softmax_block(float* p, int64_t S, const uint8_t* mask, int64_t t0, int64_t t1, int64_t e) {
-  const __m512 lowest = _mm512_set1_ps(-3.4028235e38f);
+  const v::f32 lowest = v::set1(-3.4028235e38f);
   if (S <= 64) {
     // A row in four registers, in one pass (the general loop below makes four passes with
     // two horizontal reductions and a fill a row: 5.2 of a task's 12 us at S = 64).
-    const __mmask64 cols = S == 64 ? ~0ull : (1ull << S) - 1;
-    const __mmask64 upto = e == 64 ? ~0ull : (1ull << e) - 1;
+    const uint64_t cols = S == 64 ? ~0ull : (1ull << S) - 1;
+    const uint64_t upto = e == 64 ? ~0ull : (1ull << e) - 1;
     for (int64_t t = t0; t < t1; ++t) {
-      const __m512i m8 = _mm512_maskz_loadu_epi8(upto, mask + t * S);
-      const __mmask64 seen = _mm512_test_epi8_mask(m8, m8);  // visible keys below e
+      const uint64_t seen = v::nonzero64(mask + t * S, upto);  // visible keys below e
       float* pr = p + t * S;
-      __m512 x[4];
-      __m512 mx = lowest;
+      v::f32 x[4];
+      v::f32 mx = lowest;
       for (int c = 0; c < 4; ++c) {
-        const __mmask16 in = static_cast<__mmask16>(upto >> (16 * c));
-        x[c] = _mm512_mask_blend_ps(static_cast<__mmask16>(seen >> (16 * c)), lowest,
-                                    _mm512_maskz_loadu_ps(in, pr + 16 * c));
-        mx = _mm512_max_ps(mx, x[c]);
+        const v::mask in = static_cast<v::mask>(upto >> (16 * c));
+        x[c] = v::mask_blend(static_cast<v::mask>(seen >> (16 * c)), lowest,
+                                    v::maskz_loadu(in, pr + 16 * c));
+        mx = v::max(mx, x[c]);
       }
-      const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-      __m512 sum = _mm512_setzero_ps();
+      const v::f32 m = v::set1(v::reduce_max(mx));
+      v::f32 sum = v::setzero();
       for (int c = 0; c < 4; ++c) {
         // Lanes past S hold the lowest too: keep them out of a row that sees no key, whose
         // S lanes all give e^0 (it averages the values, as the loop below).
-        x[c] = _mm512_maskz_mov_ps(static_cast<__mmask16>(cols >> (16 * c)),
-                                   exp16(_mm512_sub_ps(x[c], m)));
-        sum = _mm512_add_ps(sum, x[c]);
+        x[c] = v::maskz_mov(static_cast<v::mask>(cols >> (16 * c)),
+                                   v::exp(v::sub(x[c], m)));
+        sum = v::add(sum, x[c]);
       }
-      const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+      const v::f32 inv = v::set1(1.0f / v::reduce_add(sum));
       for (int c = 0; c < 4; ++c) {
-        _mm512_mask_storeu_ps(pr + 16 * c, static_cast<__mmask16>(cols >> (16 * c)),
-                              _mm512_mul_ps(x[c], inv));
+        v::mask_storeu(pr + 16 * c, static_cast<v::mask>(cols >> (16 * c)),
+                              v::mul(x[c], inv));
       }
     }
     return;
@@ -1290,15 +1246,14 @@ void softmax_block(float* p, int64_t S, const uint8_t* mask, int64_t t0, int64_t
     const uint8_t* mr = mask + t * S;
     float* pr = p + t * S;
     for (int64_t s0 = 0; s0 < e; s0 += 16) {
-      const __mmask16 m = lane_mask(e - s0);
-      const __m128i m8 = _mm_maskz_loadu_epi8(m, mr + s0);
-      const __mmask16 seen = _mm_test_epi8_mask(m8, m8);
-      _mm512_mask_storeu_ps(pr + s0, m, _mm512_mask_blend_ps(seen, lowest, _mm512_maskz_loadu_ps(m, pr + s0)));
+      const v::mask m = lane_mask(e - s0);
+      const v::mask seen = v::nonzero16(mr + s0, m);
+      v::mask_storeu(pr + s0, m, v::mask_blend(seen, lowest, v::maskz_loadu(m, pr + s0)));
     }
-    const __m512 inv = _mm512_set1_ps(softmax_row(pr, e));
+    const v::f32 inv = v::set1(softmax_row(pr, e));
     for (int64_t s0 = 0; s0 < e; s0 += 16) {
-      const __mmask16 m = lane_mask(e - s0);
-      _mm512_mask_storeu_ps(pr + s0, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pr + s0), inv));
+      const v::mask m = lane_mask(e - s0);
+      v::mask_storeu(pr + s0, m, v::mul(v::maskz_loadu(m, pr + s0), inv));
     }
     std::fill(pr + e, pr + S, 0.0f);
   }
@@ -1352,17 +1307,16 @@ void train_bwd_task(const TrainAtt& d, const float* q, const float* k, const flo
       const int64_t t1 = std::min(T, t0 + kAttBlock), e = block_extent(ext, t0, t1);
       gemm_small(dog + t0 * NH, NH, vt, S, ds + t0 * S, S, t1 - t0, H, e, 1.0f);  // dP
       for (int64_t t = t0; t < t1; ++t) {
-        const __m512 D = _mm512_set1_ps(sum16(dog + t * NH, og + t * NH, H));
+        const v::f32 D = v::set1(sum16(dog + t * NH, og + t * NH, H));
         const uint8_t* mr = mb + t * S;
         float* dr = ds + t * S;
         for (int64_t s0 = 0; s0 < e; s0 += 16) {
-          const __mmask16 m = lane_mask(e - s0);
-          const __m128i m8 = _mm_maskz_loadu_epi8(m, mr + s0);
+          const v::mask m = lane_mask(e - s0);
           // Masked keys get no gradient, also in a row that sees no key (P uniform there).
-          const __mmask16 seen = _mm_test_epi8_mask(m8, m8);
-          const __m512 dp = _mm512_maskz_loadu_ps(m, dr + s0);
-          const __m512 pr = _mm512_maskz_loadu_ps(m, pg + t * S + s0);
-          _mm512_mask_storeu_ps(dr + s0, m, _mm512_maskz_mul_ps(seen, pr, _mm512_sub_ps(dp, D)));
+          const v::mask seen = v::nonzero16(mr + s0, m);
+          const v::f32 dp = v::maskz_loadu(m, dr + s0);
+          const v::f32 pr = v::maskz_loadu(m, pg + t * S + s0);
+          v::mask_storeu(dr + s0, m, v::maskz_mul(seen, pr, v::sub(dp, D)));
         }
         std::fill(dr + e, dr + S, 0.0f);
       }
@@ -1498,10 +1452,10 @@ constexpr int64_t kMlpRows = 48;  // rows per task: 16 tasks at 768 rows, 8 a th
 
 
 // tanh(u) = 1 - 2 / (e^(2u) + 1): saturates to +-1 through exp16's 0 and infinity.
-inline __m512 tanh16(__m512 u) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 e = exp16(_mm512_min_ps(_mm512_add_ps(u, u), _mm512_set1_ps(88.0f)));
-  return _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
+inline v::f32 tanh16(v::f32 u) {
+  const v::f32 one = v::set1(1.0f);
+  const v::f32 e = v::exp(v::min(v::add(u, u), v::set1(88.0f)));
+  return v::sub(one, v::div(v::set1(2.0f), v::add(e, one)));
 }
 
 constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
@@ -1509,46 +1463,46 @@ constexpr float kGeluA = 0.044715f;
 
 // g = act(h) over n values (in place allowed: g may be h).
 inline void act_fwd(const float* h, float* g, int64_t n, bool gelu) {
-  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+  const v::f32 half = v::set1(0.5f), one = v::set1(1.0f);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = lane_mask(n - i);
-    const __m512 x = _mm512_maskz_loadu_ps(m, h + i);
-    __m512 y;
+    const v::mask m = lane_mask(n - i);
+    const v::f32 x = v::maskz_loadu(m, h + i);
+    v::f32 y;
     if (gelu) {
-      const __m512 u = _mm512_mul_ps(_mm512_set1_ps(kGeluC),
-                                     _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(kGeluA), x), _mm512_mul_ps(x, x), x));
-      y = _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, tanh16(u)));
+      const v::f32 u = v::mul(v::set1(kGeluC),
+                                     v::fmadd(v::mul(v::set1(kGeluA), x), v::mul(x, x), x));
+      y = v::mul(v::mul(half, x), v::add(one, tanh16(u)));
     } else {
-      y = _mm512_max_ps(x, _mm512_setzero_ps());
+      y = v::max(x, v::setzero());
     }
-    _mm512_mask_storeu_ps(g + i, m, y);
+    v::mask_storeu(g + i, m, y);
   }
 }
 
 // d *= act'(h) over n values.
 inline void act_bwd(const float* h, float* d, int64_t n, bool gelu) {
-  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+  const v::f32 half = v::set1(0.5f), one = v::set1(1.0f);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = lane_mask(n - i);
-    const __m512 x = _mm512_maskz_loadu_ps(m, h + i);
-    const __m512 dv = _mm512_maskz_loadu_ps(m, d + i);
-    __m512 y;
+    const v::mask m = lane_mask(n - i);
+    const v::f32 x = v::maskz_loadu(m, h + i);
+    const v::f32 dv = v::maskz_loadu(m, d + i);
+    v::f32 y;
     if (gelu) {
-      const __m512 x2 = _mm512_mul_ps(x, x);
-      const __m512 u = _mm512_mul_ps(_mm512_set1_ps(kGeluC),
-                                     _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(kGeluA), x), x2, x));
-      const __m512 t = tanh16(u);
+      const v::f32 x2 = v::mul(x, x);
+      const v::f32 u = v::mul(v::set1(kGeluC),
+                                     v::fmadd(v::mul(v::set1(kGeluA), x), x2, x));
+      const v::f32 t = tanh16(u);
       // d/dx 0.5 x (1 + t) = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2)
-      const __m512 du = _mm512_mul_ps(_mm512_set1_ps(kGeluC),
-                                      _mm512_fmadd_ps(_mm512_set1_ps(3.0f * kGeluA), x2, one));
-      const __m512 sech2 = _mm512_fnmadd_ps(t, t, one);
-      const __m512 grad = _mm512_fmadd_ps(_mm512_mul_ps(half, x), _mm512_mul_ps(sech2, du),
-                                          _mm512_mul_ps(half, _mm512_add_ps(one, t)));
-      y = _mm512_mul_ps(dv, grad);
+      const v::f32 du = v::mul(v::set1(kGeluC),
+                                      v::fmadd(v::set1(3.0f * kGeluA), x2, one));
+      const v::f32 sech2 = v::fnmadd(t, t, one);
+      const v::f32 grad = v::fmadd(v::mul(half, x), v::mul(sech2, du),
+                                          v::mul(half, v::add(one, t)));
+      y = v::mul(dv, grad);
     } else {
-      y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), dv);
+      y = v::maskz_mov(v::positive(x), dv);
     }
-    _mm512_mask_storeu_ps(d + i, m, y);
+    v::mask_storeu(d + i, m, y);
   }
 }
 
