@@ -235,7 +235,7 @@ class Linger {
 // and unmapping them for every task cost more than the task's arithmetic. Slot 1 holds a
 // call's transposed weights (on the calling thread) while its tasks use slot 0.
 float* scratch(size_t n, int slot = 0) {
-  thread_local std::vector<float> buf[2];
+  thread_local std::vector<float> buf[3];  // slot 2: gemm_tiles' packed panel (AVX2)
   if (buf[slot].size() < n) buf[slot].resize(n);
   return buf[slot].data();
 }
@@ -274,8 +274,9 @@ constexpr int kTileRowsMax = v::kAvx512 ? 8 : 2;
 // nn (b a block of W in place, with `prefetch` fetching the next tile's segments of b) and of
 // gemm_many (b a packed panel, ldb 48; its loop unrolled twice: 207-238 against 191-194
 // GFLOP/s, where unrolling cost nn's 8-row tiles 20 -> 15.6 GB/s). Columns past the masks mk
-// are neither read nor written.
-template <typename T, int MR, bool Packed>
+// are neither read nor written. Full (AVX2 only): no column is masked, so the loads carry no
+// mask test (on AVX-512 a masked load costs nothing extra).
+template <typename T, int MR, bool Packed, bool Full = false>
 void tile_8x48(const float* a, int64_t lda, const T* b, int64_t ldb, int64_t kc, float* c,
                int64_t ldc, const v::mask (&mk)[3], bool first, bool prefetch) {
   v::f32 acc[MR][3];
@@ -289,15 +290,29 @@ void tile_8x48(const float* a, int64_t lda, const T* b, int64_t ldb, int64_t kc,
       _mm_prefetch(reinterpret_cast<const char*>(bk + kTileCols + 32), _MM_HINT_T0);
       if (sizeof(T) == 4) _mm_prefetch(reinterpret_cast<const char*>(bk + kTileCols + 16), _MM_HINT_T0);
     }
-    const v::f32 b0 = load16(bk, mk[0]), b1 = load16(bk + 16, mk[1]), b2 = load16(bk + 32, mk[2]);
-    _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) {
-      const v::f32 x = v::set1(a[r * lda + k]);
-      acc[r][0] = v::fmadd(x, b0, acc[r][0]);
-      acc[r][1] = v::fmadd(x, b1, acc[r][1]);
-      acc[r][2] = v::fmadd(x, b2, acc[r][2]);
+    if constexpr (v::kAvx512) {
+      const v::f32 b0 = load16(bk, mk[0]), b1 = load16(bk + 16, mk[1]), b2 = load16(bk + 32, mk[2]);
+      _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) {
+        const v::f32 x = v::set1(a[r * lda + k]);
+        acc[r][0] = v::fmadd(x, b0, acc[r][0]);
+        acc[r][1] = v::fmadd(x, b1, acc[r][1]);
+        acc[r][2] = v::fmadd(x, b2, acc[r][2]);
+      }
+    } else {
+      // 16 ymm registers: 12 accumulators, the MR broadcasts, and one vector of b at a time
+      // (loading all three first, as above, spilled accumulators to the stack).
+      v::f32 x[MR];
+      _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) x[r] = v::set1(a[r * lda + k]);
+      _Pragma("GCC unroll 3") for (int c = 0; c < 3; ++c) {
+        const v::f32 bv = Full ? load16(bk + 16 * c) : load16(bk + 16 * c, mk[c]);
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) acc[r][c] = v::fmadd(x[r], bv, acc[r][c]);
+      }
     }
   };
-  if (Packed) {
+  if constexpr (!v::kAvx512) {
+    // Zen 3, 2 x 48 from L1: 49 GFLOP/s a core rolled, 72 unrolled four times (its FMA peak ~91).
+    _Pragma("GCC unroll 4") for (int64_t k = 0; k < kc; ++k) step(k);
+  } else if (Packed) {
     _Pragma("GCC unroll 2") for (int64_t k = 0; k < kc; ++k) step(k);
   } else {
     for (int64_t k = 0; k < kc; ++k) step(k);
@@ -312,8 +327,13 @@ template <typename T, bool Packed>
 void tiles_8x48(int64_t rows, const float* a, int64_t lda, const T* b, int64_t ldb, int64_t kc,
                 float* c, int64_t ldc, const v::mask (&mk)[3], bool first) {
   for (int64_t m = 0; m < rows; m += kTileRowsMax, a += kTileRowsMax * lda, c += kTileRowsMax * ldc) {
+    const bool full = !v::kAvx512 && mk[0] == 0xFFFF && mk[1] == 0xFFFF && mk[2] == 0xFFFF;
     with_rows<kTileRowsMax>(rows - m, [&](auto R) {
-      tile_8x48<T, R, Packed>(a, lda, b, ldb, kc, c, ldc, mk, first, m == 0);
+      if (full) {
+        tile_8x48<T, R, Packed, true>(a, lda, b, ldb, kc, c, ldc, mk, first, m == 0);
+      } else {
+        tile_8x48<T, R, Packed>(a, lda, b, ldb, kc, c, ldc, mk, first, m == 0);
+      }
     });
   }
 }
@@ -326,7 +346,10 @@ void nn_tile_rows(const float* x, const T* w, float* out, int64_t M, int64_t K, 
   tiles_8x48<T, false>(M, x + k0, K, w + k0 * N + j, N, k1 - k0, out + j, N, mk, first);
 }
 
-constexpr int64_t kTileRows = 32;  // rows of W per pass over a block's columns
+// Rows of W per pass over a block's columns. AVX2's 2-row tiles read a pass's W block from L1
+// 8 times at 16 rows: longer passes (128 rows x 48 columns, 24 KB) halve the tiles' overhead
+// (Zen 3, one thread: 26 -> 43 GFLOP/s at 16 rows; 32 and 64 rows: 34 and 39).
+constexpr int64_t kTileRows = v::kAvx512 ? 32 : 128;
 
 // Rows [k0, k1) of W into out[M, N] (zeroed here).
 template <typename T>
@@ -858,8 +881,8 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 // skips the upper triangle); a masked key scores the lowest float32, as
 // lm.layers.dot_attention, and a vector that sees no key averages all E values.
 
-// query vectors per register tile: 12 x 2 accumulators (AVX2: 3 x 2, 12 of 16 ymm registers)
-constexpr int kAttRows = v::kAvx512 ? 12 : 3;
+// query vectors per register tile: 12 x 2 accumulators (AVX2: 2 x 2, as gemm_tiles)
+constexpr int kAttRows = v::kAvx512 ? 12 : 2;
 constexpr int kAttCols = 2;     // 32 keys or value columns per tile, so 2 loads feed 24 FMAs
 constexpr int64_t kTokBlock = 32;  // tokens per task
 
@@ -867,20 +890,27 @@ constexpr int64_t kTokBlock = 32;  // tokens per task
 // (masked by mk; B float32 or bfloat16, widened in registers). A(r, l) is a[r * lda + l], or with TA (A given transposed, [L, rows])
 // a[l * lda + r]: the backward pass's dS^T Q and P^T dO read dS and P down their columns
 // instead of transposing them (two [64, 64] copies a task, a sixth of its time).
-template <typename T, int R, int C, bool TA>
+template <typename T, int R, int C, bool TA, bool Full = false>
 inline void tile_gemm(const float* a, int64_t lda, int64_t L, const T* b, int64_t ldb,
                       const v::mask* mk, v::f32* out) {
   v::f32 acc[R][C];  // local accumulators: registers (accumulating into `out` kept it in memory)
   _Pragma("GCC unroll 12") for (int r = 0; r < R; ++r)
     _Pragma("GCC unroll 4") for (int c = 0; c < C; ++c) acc[r][c] = v::setzero();
-  for (int64_t l = 0; l < L; ++l) {
+  auto step = [&](int64_t l) __attribute__((always_inline)) {
     const T* bl = b + l * ldb;
     v::f32 bv[C];
-    _Pragma("GCC unroll 4") for (int c = 0; c < C; ++c) bv[c] = load16(bl + 16 * c, mk[c]);
+    _Pragma("GCC unroll 4") for (int c = 0; c < C; ++c) {
+      bv[c] = Full ? load16(bl + 16 * c) : load16(bl + 16 * c, mk[c]);  // Full: as tile_8x48
+    }
     _Pragma("GCC unroll 12") for (int r = 0; r < R; ++r) {
       const v::f32 ab = v::set1(TA ? a[l * lda + r] : a[r * lda + l]);
       _Pragma("GCC unroll 4") for (int c = 0; c < C; ++c) acc[r][c] = v::fmadd(ab, bv[c], acc[r][c]);
     }
+  };
+  if constexpr (v::kAvx512) {
+    for (int64_t l = 0; l < L; ++l) step(l);
+  } else {
+    _Pragma("GCC unroll 4") for (int64_t l = 0; l < L; ++l) step(l);  // as tile_8x48
   }
   _Pragma("GCC unroll 12") for (int r = 0; r < R; ++r)
     _Pragma("GCC unroll 4") for (int c = 0; c < C; ++c) out[r * C + c] = acc[r][c];
@@ -1122,7 +1152,10 @@ inline float sum16(const float* a, const float* b, int64_t n) {  // sum a*b (b n
 template <int C, bool TA>
 void gemm_tiles(const float* A, int64_t lda, const float* B, int64_t ldb, float* Cm, int64_t ldc,
                 int64_t M, int64_t L, int64_t N, float alpha, bool accumulate) {
-  constexpr int RT = (v::kAvx512 ? 24 : 6) / C;  // AVX2: 12 of its 16 ymm registers
+  // AVX2: 2 rows of 2 vectors, 8 accumulators + 4 loads + 1 broadcast of its 16 ymm
+  // registers (3 rows spilled an accumulator to the stack every step: 36 against 67-82
+  // GFLOP/s, Zen 3, one thread, the Shakespeare MLP's products).
+  constexpr int RT = (v::kAvx512 ? 24 : 4) / C;
   v::f32 acc[RT * C];
   v::mask mk[C];
   const v::f32 al = v::set1(alpha);
@@ -1130,10 +1163,23 @@ void gemm_tiles(const float* A, int64_t lda, const float* B, int64_t ldb, float*
   // stays in L1 while every row tile passes over it.
   for (int64_t n0 = 0; n0 < N; n0 += 16 * C) {
     for (int c = 0; c < C; ++c) mk[c] = lane_mask(N - n0 - 16 * c);
+    const float* panel = B + n0;
+    int64_t ldp = ldb;
+    if constexpr (!v::kAvx512) {
+      // AVX2's 2-row tiles pass over the panel 24 times for 48 rows: copied once, contiguous
+      // and zero past N, it stays in L1 (in place, its rows ldb apart, 2 KB at N = 512, fall
+      // into few L1 sets). Zen 3, one thread, 48 x 128 x 512 with 3-row tiles: 29 -> 37 GFLOP/s.
+      float* packed = scratch(L * 16 * C, 2);
+      for (int64_t l = 0; l < L; ++l) {
+        for (int c = 0; c < C; ++c) v::storeu(packed + (l * C + c) * 16, v::maskz_loadu(mk[c], B + l * ldb + n0 + 16 * c));
+      }
+      panel = packed, ldp = 16 * C;
+    }
     for (int64_t m0 = 0; m0 < M; m0 += RT) {
       const int R = static_cast<int>(std::min<int64_t>(RT, M - m0));
       with_rows<RT>(R, [&](auto Rt) {
-        tile_gemm<float, Rt, C, TA>(TA ? A + m0 : A + m0 * lda, lda, L, B + n0, ldb, mk, acc);
+        const float* a = TA ? A + m0 : A + m0 * lda;
+        tile_gemm<float, Rt, C, TA, !v::kAvx512 ? true : false>(a, lda, L, panel, ldp, mk, acc);
       });
       for (int r = 0; r < R; ++r) {
         float* cr = Cm + (m0 + r) * ldc + n0;
