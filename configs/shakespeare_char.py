@@ -38,7 +38,7 @@ def get_config(arg: str | None = None):
     config.model.activation = "gelu_tanh"
     config.model.dropout_rate = 0.0
     config.model.dtype = "float32"  # a 0.8M-parameter model: bf16 buys nothing at this size
-    # lm.native's fused attention + gradient (CPU, AVX-512; elsewhere the same as "xla"):
+    # lm.native's fused attention + gradient (x86 CPU, AVX-512 or AVX2; elsewhere as "xla"):
     # at T = 64 XLA's attention ops took ~20 ms of a ~64 ms step.
     config.model.attention_impl = "native"
     # lm.native's fused norm + q/k/v and norm + MLP + residual calls with their gradients: the

@@ -26,7 +26,7 @@ print but not stop the loop) out of the compiled program.
 
 Numerics and speed on CPU (see PERF-NOTES): every matmul accumulates in float32. The output
 projection is computed for the last position only (never [B, T, V] in the prefill). On an
-AVX-512 CPU the products of at most a few rows (the decoding steps of small batches, and the
+x86 CPU with AVX-512 or AVX2 + FMA the products of at most a few rows (the decoding steps of small batches, and the
 tied LM head up to 16 rows) run in lm.native's kernel, which streams float32 or bfloat16
 weights at memory speed; XLA's bfloat16 matrix x vector product is ~10x slower than float32, so
 without the kernel bfloat16 decoding pads a batch of 1 to 2 rows. Parameters spread over

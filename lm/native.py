@@ -38,6 +38,11 @@ through XLA's ops and copies it took a third of a 512-token SmolLM2 prefill (0.3
 Both attention kernels apply RoPE to q and k themselves (the tables come from
 ``lm.layers.rope_angles``), which removes XLA's elementwise RoPE ops from every layer.
 
+The kernels are written once against ``lm/csrc/simd.h``'s 16-lane vectors: one AVX-512
+register, or two AVX2 registers on CPUs without AVX-512 (AMD Zen, older Intel), where the
+register tiles are smaller (16 registers instead of 32). The numbers above are from the
+AVX-512 machine; on a 2-core AMD EPYC (Zen 3, AVX2) see the README's benchmark section.
+
 The source is compiled on first use with the system C++ compiler against jaxlib's FFI headers
 (``-O3 -march=native``, about 6 s) into ``$LM_NATIVE_CACHE`` (default
 ``~/.cache/lm/native``), keyed by the source, jaxlib version and CPU. Without a compiler,

@@ -11,7 +11,7 @@ Cases (SmolLM2-135M-Instruct, greedy, ``--new_tokens`` new tokens, no early stop
     prefill   one 512-token prompt: the forward pass that fills the cache, float32 and bfloat16
               (target <= 0.8x torch's time)
 
-lm decodes through lm.native's AVX-512 kernel where it is available (``LM_NATIVE=0 python
+lm decodes through lm.native's kernels (AVX-512 or AVX2 + FMA) where they are available (``LM_NATIVE=0 python
 scripts/bench_decode.py`` measures XLA's dot alone). Throughput counts generated tokens over the
 whole call (prefill included), as a user sees it.
 Compile time is reported separately (first call of each bucket). Both sides use 2 threads;

@@ -2,6 +2,8 @@
 
 import functools
 import os
+import platform
+import shutil
 import subprocess
 import sys
 
@@ -610,3 +612,17 @@ def test_lm_native_0_turns_the_kernel_off(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
     assert not list(tmp_path.iterdir())  # nothing was built
+
+
+@pytest.mark.parametrize("march", ["x86-64-v3", "icelake-server"])
+def test_kernel_source_compiles_for_both_instruction_sets(march):
+    # A CI machine builds the kernels for its own CPU only (AVX2 on AMD, AVX-512 on recent
+    # Intel): check that the other instruction set's code (lm/csrc/simd.h) compiles too.
+    cxx = os.environ.get("CXX") or shutil.which("g++")
+    if not cxx or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs g++ on x86")
+    cmd = [cxx, f"-march={march}", "-std=c++17", "-fsyntax-only", "-w"]
+    out = subprocess.run(
+        [*cmd, f"-I{jax.ffi.include_dir()}", native.SOURCE], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]

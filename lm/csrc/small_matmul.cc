@@ -1,5 +1,7 @@
-// Small-batch matrix products for decoding on x86 CPUs with AVX-512, as an XLA FFI custom call
-// (and, at the end of the file, attention through the KV cache: a decoding step, a prefill).
+// Small-batch matrix products for decoding on x86 CPUs, as an XLA FFI custom call (and, further
+// down, attention through the KV cache, and training kernels for short sequences). Written once
+// against lm/csrc/simd.h's 16-lane vectors: AVX-512, or AVX2 + FMA at half the width with
+// smaller register tiles (the constants that say `v::kAvx512 ? a : b`).
 //
 //   out[M, N] = x[M, K] @ W          W: [K, N] ("nn") or [N, K] ("nt", the tied LM head)
 //   out_i = x @ W_i                  several nn weights sharing x (q/k/v, gate/up), one call
