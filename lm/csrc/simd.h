@@ -17,6 +17,15 @@
 
 namespace v {
 
+// e^r for |r| <= ln2 / 2 by its degree-6 Taylor polynomial (relative error < 2e-7), Horner's
+// form: the part of e^x = 2^n e^r that both instruction sets share (fma(a, b, c) = a b + c).
+template <typename V, typename Fma, typename Set1>
+inline V exp_taylor6(V r, Fma fma, Set1 set1) {
+  V p = set1(1.0f / 720);
+  for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = fma(p, r, set1(c));
+  return p;
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 
 constexpr bool kAvx512 = true;
@@ -66,8 +75,8 @@ inline uint64_t nonzero64(const uint8_t* p, uint64_t m) {
   return _mm512_test_epi8_mask(b, b);
 }
 
-// e^x: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error
-// < 2e-7), times 2^n by vscalefps. Inputs below -87.3 give 0 (a masked key).
+// e^x: x = n ln2 + r, |r| <= ln2 / 2, e^r by exp_taylor6, times 2^n by vscalefps. Inputs
+// below -87.3 give 0 (a masked key).
 inline f32 exp(f32 x) {
   const mask live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
@@ -75,13 +84,9 @@ inline f32 exp(f32 x) {
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512 p = exp_taylor6(
+      r, [](__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); },
+      [](float c) { return _mm512_set1_ps(c); });
   return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
@@ -248,13 +253,9 @@ inline __m256 exp8(__m256 x) {
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256 p = exp_taylor6(
+      r, [](__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); },
+      [](float c) { return _mm256_set1_ps(c); });
   const __m256i ni = _mm256_cvtps_epi32(n);
   const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
   const __m256i bias = _mm256_set1_epi32(127);
