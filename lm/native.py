@@ -44,10 +44,11 @@ register tiles are smaller (16 registers instead of 32). The numbers above are f
 AVX-512 machine; on a 2-core AMD EPYC (Zen 3, AVX2) see the README's benchmark section.
 
 The source is compiled on first use with the system C++ compiler against jaxlib's FFI headers
-(``-O3 -march=native``, about 6 s) into ``$LM_NATIVE_CACHE`` (default
-``~/.cache/lm/native``), keyed by the source, jaxlib version and CPU. Without a compiler,
-without AVX-512 (F, BW, VL) or AVX2 + FMA, off the CPU backend, or with ``LM_NATIVE=0``, ``available()`` is
-false and everything runs through XLA, with the same results up to float32 rounding.
+(``-O3 -march=native``: ~6 s on the Ice Lake machine, ~40 s on the AMD one) into
+``$LM_NATIVE_CACHE`` (default ``~/.cache/lm/native``), keyed by the sources, jaxlib version
+and CPU. Without a compiler, without AVX-512 (F, BW, VL) or AVX2 + FMA, off the CPU backend,
+or with ``LM_NATIVE=0``, ``available()`` is false and everything runs through XLA, with the
+same results up to float32 rounding.
 """
 
 from __future__ import annotations
