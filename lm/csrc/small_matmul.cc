@@ -328,8 +328,8 @@ void tile_8x48(const float* a, int64_t lda, const T* b, int64_t ldb, int64_t kc,
 template <typename T, bool Packed>
 void tiles_8x48(int64_t rows, const float* a, int64_t lda, const T* b, int64_t ldb, int64_t kc,
                 float* c, int64_t ldc, const v::mask (&mk)[3], bool first) {
+  const bool full = !v::kAvx512 && mk[0] == 0xFFFF && mk[1] == 0xFFFF && mk[2] == 0xFFFF;
   for (int64_t m = 0; m < rows; m += kTileRowsMax, a += kTileRowsMax * lda, c += kTileRowsMax * ldc) {
-    const bool full = !v::kAvx512 && mk[0] == 0xFFFF && mk[1] == 0xFFFF && mk[2] == 0xFFFF;
     with_rows<kTileRowsMax>(rows - m, [&](auto R) {
       if (full) {
         tile_8x48<T, R, Packed, true>(a, lda, b, ldb, kc, c, ldc, mk, first, m == 0);
@@ -1181,7 +1181,7 @@ void gemm_tiles(const float* A, int64_t lda, const float* B, int64_t ldb, float*
       const int R = static_cast<int>(std::min<int64_t>(RT, M - m0));
       with_rows<RT>(R, [&](auto Rt) {
         const float* a = TA ? A + m0 : A + m0 * lda;
-        tile_gemm<float, Rt, C, TA, !v::kAvx512 ? true : false>(a, lda, L, panel, ldp, mk, acc);
+        tile_gemm<float, Rt, C, TA, !v::kAvx512>(a, lda, L, panel, ldp, mk, acc);
       });
       for (int r = 0; r < R; ++r) {
         float* cr = Cm + (m0 + r) * ldc + n0;
