@@ -237,7 +237,7 @@ class Linger {
 // and unmapping them for every task cost more than the task's arithmetic. Slot 1 holds a
 // call's transposed weights (on the calling thread) while its tasks use slot 0.
 float* scratch(size_t n, int slot = 0) {
-  thread_local std::vector<float> buf[3];  // slot 2: gemm_tiles' packed panel (AVX2)
+  thread_local std::vector<float> buf[3];  // slot 2 (AVX2): gemm_tiles' or nn_stream's copy of W
   if (buf[slot].size() < n) buf[slot].resize(n);
   return buf[slot].data();
 }
@@ -278,6 +278,7 @@ constexpr int kTileRowsMax = v::kAvx512 ? 8 : 2;
 // GFLOP/s, where unrolling cost nn's 8-row tiles 20 -> 15.6 GB/s). Columns past the masks mk
 // are neither read nor written. Full (AVX2 only): no column is masked, so the loads carry no
 // mask test (on AVX-512 a masked load costs nothing extra).
+
 template <typename T, int MR, bool Packed, bool Full = false>
 void tile_8x48(const float* a, int64_t lda, const T* b, int64_t ldb, int64_t kc, float* c,
                int64_t ldc, const v::mask (&mk)[3], bool first, bool prefetch) {
@@ -348,15 +349,83 @@ void nn_tile_rows(const float* x, const T* w, float* out, int64_t M, int64_t K, 
   tiles_8x48<T, false>(M, x + k0, K, w + k0 * N + j, N, k1 - k0, out + j, N, mk, first);
 }
 
-// Rows of W per pass over a block's columns. AVX2's 2-row tiles read a pass's W block from L1
-// 8 times at 16 rows: longer passes (128 rows x 48 columns, 24 KB) halve the tiles' overhead
-// (Zen 3, one thread: 26 -> 43 GFLOP/s at 16 rows; 32 and 64 rows: 34 and 39).
-constexpr int64_t kTileRows = v::kAvx512 ? 32 : 128;
+// Rows of W per pass over a block's columns (AVX-512; AVX2 streams W through nn_stream).
+constexpr int64_t kTileRows = 32;
+
+// AVX2's form of the register-blocked nn (M > 4): W read in blocks of kStreamRows rows x
+// kStreamCols columns, each row's segment one contiguous run (the whole row of a 576-wide W),
+// copied (bfloat16 widened) into panels [48 columns][rows] in thread-local scratch, and the
+// tiles run on the copy. The tiles of each block prefetch the next block, so memory is read
+// while they compute. On Zen 3 the 48-column panels of the block above jump a W row (a
+// different page) every 192 bytes and its prefetches into L1 evict the panel the next tiles
+// read; measured, one thread, 30 layers' weights cycled from memory, 16 rows: 576 x 576,
+// 576 x 1536, 1536 x 576 at 34-48 GFLOP/s against 25-33, and SmolLM2's [576, 49152] head
+// (a column chunk 12288 wide) at 30-39 against 15-18; 6 to 12 rows gain alike. Tried and no
+// better: 24, 48, 64, 96 or 128 rows a block, 288, 384 or 768 columns, prefetching within
+// the copy instead.
+constexpr int64_t kStreamRows = 32;
+constexpr int64_t kStreamCols = 12 * kTileCols;
+
+// A cursor over the cache lines of `rows` rows of W, each `per_row` lines long and `stride`
+// bytes from the last: the block nn_stream's tiles prefetch, a share before each tile.
+struct Lines {
+  const char* row;
+  int64_t stride, per_row, rows, col = 0;
+  void next() {
+    if (rows <= 0) return;
+    _mm_prefetch(row + 64 * col, _MM_HINT_T0);
+    if (++col == per_row) col = 0, row += stride, --rows;
+  }
+};
+
+template <typename T>
+void nn_stream(const float* x, const T* w, float* out, int64_t M, int64_t K, int64_t N,
+               int64_t k0, int64_t k1, int64_t j0, int64_t j1) {
+  float* pk = scratch(kStreamRows * kStreamCols, 2);
+  for (int64_t jb = j0; jb < j1; jb += kStreamCols) {
+    const int64_t je = std::min(j1, jb + kStreamCols), panels = (je - jb + kTileCols - 1) / kTileCols;
+    for (int64_t kb = k0; kb < k1; kb += kStreamRows) {
+      const int64_t ke = std::min(k1, kb + kStreamRows), kr = ke - kb;
+      for (int64_t k = kb; k < ke; ++k) {
+        const T* src = w + k * N + jb;
+        for (int64_t p = 0; p < panels; ++p) {
+          const int64_t j = p * kTileCols;
+          float* d = pk + (p * kr + k - kb) * kTileCols;
+          _Pragma("GCC unroll 3") for (int c = 0; c < 3; ++c) {
+            v::storeu(d + 16 * c, load16(src + j + 16 * c, lane_mask(je - jb - j - 16 * c)));
+          }
+        }
+      }
+      // The next block: the following rows of these columns, else the next columns' first.
+      const bool down = ke < k1;
+      const int64_t nk = down ? ke : k0, nj = down ? jb : je;
+      const int64_t rows = nj < j1 ? std::min(k1, nk + kStreamRows) - nk : 0;
+      const int64_t line = 64 / static_cast<int64_t>(sizeof(T));
+      const int64_t per_row = (std::min(j1, nj + kStreamCols) - nj + line - 1) / line;
+      Lines ahead{reinterpret_cast<const char*>(w + nk * N + nj),
+                  N * static_cast<int64_t>(sizeof(T)), per_row, rows};
+      const int64_t tiles = panels * ((M + kTileRowsMax - 1) / kTileRowsMax);
+      const int64_t per_tile = (rows * per_row + tiles - 1) / tiles;
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t j = jb + p * kTileCols;
+        const v::mask mk[3] = {lane_mask(je - j), lane_mask(je - j - 16), lane_mask(je - j - 32)};
+        for (int64_t m = 0; m < M; m += kTileRowsMax) {
+          for (int64_t i = 0; i < per_tile; ++i) ahead.next();
+          with_rows<kTileRowsMax>(M - m, [&](auto R) {
+            tile_8x48<float, R, true, true>(x + m * K + kb, K, pk + p * kr * kTileCols, kTileCols,
+                                            kr, out + m * N + j, N, mk, kb == k0, false);
+          });
+        }
+      }
+    }
+  }
+}
 
 // Rows [k0, k1) of W into out[M, N] (zeroed here).
 template <typename T>
 void nn_block(const float* x, const T* w, float* out, int64_t M, int64_t K, int64_t N,
               int64_t k0, int64_t k1, int64_t j0, int64_t j1) {
+  if (!v::kAvx512 && M > 4) return nn_stream<T>(x, w, out, M, K, N, k0, k1, j0, j1);
   if (M > 4) {
     for (int64_t kb = k0; kb < k1; kb += kTileRows) {
       const int64_t ke = std::min(k1, kb + kTileRows);
@@ -411,7 +480,8 @@ void nn_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
       p.chunks = (p.N + p.step - 1) / p.step;
     } else {
       // Row chunks: each streams one contiguous block of W into its own partial sums.
-      const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(2 * threads, K / 64));
+      const int64_t per = !v::kAvx512 && M > 4 ? 1 : 2;  // nn_stream: fewer, longer streams
+      const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(per * threads, K / 64));
       p.step = ((K + chunks - 1) / chunks + 7) / 8 * 8;
       p.chunks = (K + p.step - 1) / p.step;
       if (p.chunks > 1 || accumulate) buffered += p.chunks * M * p.N;
@@ -727,12 +797,12 @@ inline float softmax_row(float* x, int64_t n) {
 }
 
 // acc = sum_i a[i] * rows[i, col0 : col0 + 64] for rows [n, width] (row-major), 4 vectors of
-// 16 columns; mk masks off the columns at or past width.
+// 16 columns; mk masks off the columns at or past limit (<= width).
 template <typename T>
-void combine_rows(const float* a, const T* rows, int64_t n, int64_t width, int64_t col0,
-                  v::mask (&mk)[4], v::f32 (&acc)[4]) {
+void combine_rows(const float* a, const T* rows, int64_t n, int64_t width, int64_t limit,
+                  int64_t col0, v::mask (&mk)[4], v::f32 (&acc)[4]) {
   for (int c = 0; c < 4; ++c) {
-    mk[c] = lane_mask(width - col0 - 16 * c);
+    mk[c] = lane_mask(limit - col0 - 16 * c);
     acc[c] = v::setzero();
   }
   for (int64_t i = 0; i < n; ++i) {
@@ -749,14 +819,20 @@ template <typename T>
 void attend_one(const float* q, const T* k, const T* v, const uint8_t* mask, float* out,
                 int64_t G, int64_t H, int64_t S, float scale, float* scores) {
   const v::f32 lowest = v::set1(-3.4028235e38f);
+  // Slots past the last one the mask admits weigh exactly 0 after the softmax: skip them (a
+  // decoding step's cache is filled up to its index; the rest of the bucket is empty). With
+  // no slot admitted, all S stay (a uniform average, as without the cut).
+  int64_t n = S;
+  while (n > 0 && !mask[n - 1]) --n;
+  if (n == 0) n = S;
   for (int64_t g = 0; g < G; ++g) {
     const float* qg = q + g * H;
     float* sg = scores + g * S;
     // scores[s] = sum_h q[h] K[h, s]: K's rows are contiguous in s.
-    for (int64_t s0 = 0; s0 < S; s0 += 64) {
+    for (int64_t s0 = 0; s0 < n; s0 += 64) {
       v::mask mk[4];
       v::f32 acc[4];
-      combine_rows(qg, k, H, S, s0, mk, acc);
+      combine_rows(qg, k, H, S, n, s0, mk, acc);
       for (int c = 0; c < 4; ++c) {
         if (!mk[c]) break;
         const v::mask seen = v::nonzero16(mask + s0 + 16 * c, mk[c]);
@@ -764,12 +840,12 @@ void attend_one(const float* q, const T* k, const T* v, const uint8_t* mask, flo
         v::mask_storeu(sg + s0 + 16 * c, mk[c], sc);
       }
     }
-    const float inv = softmax_row(sg, S);
+    const float inv = softmax_row(sg, n);
     // out = (sum_s p[s] V[s, :]) / sum_s p[s]: V's rows are contiguous in h.
     for (int64_t h0 = 0; h0 < H; h0 += 64) {
       v::mask mk[4];
       v::f32 acc[4];
-      combine_rows(sg, v, S, H, h0, mk, acc);
+      combine_rows(sg, v, n, H, H, h0, mk, acc);
       for (int c = 0; c < 4; ++c) {
         v::mask_storeu(out + g * H + h0 + 16 * c, mk[c], v::mul(acc[c], v::set1(inv)));
       }
