@@ -16,7 +16,8 @@
 // registers: for up to 4 rows nn streams W in blocks of whole rows (8 rows at a time, each one
 // contiguous run: the pattern the hardware prefetcher follows) into partial sums per block;
 // for 5 to 16 rows (batched decoding) it keeps tiles of 8 rows x 48 columns of out in
-// registers (tile_8x48); nt reads each row of W once against up to 6 rows of x.
+// registers (tile_8x48; AVX2: 2 rows, on copies of contiguous blocks of W, nn_stream); nt
+// reads each row of W once against up to 6 rows of x.
 //
 // Threads: W is cut into chunks (blocks of rows; of columns for a wide LM head) that the
 // calling thread and helpers from XLA's intra-op pool (ffi::ThreadPool) claim from an atomic
