@@ -279,7 +279,6 @@ constexpr int kTileRowsMax = v::kAvx512 ? 8 : 2;
 // GFLOP/s, where unrolling cost nn's 8-row tiles 20 -> 15.6 GB/s). Columns past the masks mk
 // are neither read nor written. Full (AVX2 only): no column is masked, so the loads carry no
 // mask test (on AVX-512 a masked load costs nothing extra).
-
 template <typename T, int MR, bool Packed, bool Full = false>
 void tile_8x48(const float* a, int64_t lda, const T* b, int64_t ldb, int64_t kc, float* c,
                int64_t ldc, const v::mask (&mk)[3], bool first, bool prefetch) {
@@ -355,15 +354,19 @@ constexpr int64_t kTileRows = 32;
 
 // AVX2's form of the register-blocked nn (M > 4): W read in blocks of kStreamRows rows x
 // kStreamCols columns, each row's segment one contiguous run (the whole row of a 576-wide W),
-// copied (bfloat16 widened) into panels [48 columns][rows] in thread-local scratch, and the
-// tiles run on the copy. The tiles of each block prefetch the next block, so memory is read
-// while they compute. On Zen 3 the 48-column panels of the block above jump a W row (a
-// different page) every 192 bytes and its prefetches into L1 evict the panel the next tiles
-// read; measured, one thread, 30 layers' weights cycled from memory, 16 rows: 576 x 576,
-// 576 x 1536, 1536 x 576 at 34-48 GFLOP/s against 25-33, and SmolLM2's [576, 49152] head
-// (a column chunk 12288 wide) at 30-39 against 15-18; 6 to 12 rows gain alike. Tried and no
-// better: 24, 48, 64, 96 or 128 rows a block, 288, 384 or 768 columns, prefetching within
-// the copy instead.
+// copied (bfloat16 widened) into 48-column panels of kStreamRows x 48 contiguous floats in
+// thread-local scratch, and the tiles run on the copy while prefetching the next block, a
+// share before each tile, so memory is read while they compute. On Zen 3 the in-place
+// 48-column panels above jump a W row (a different page) every 192 bytes and their
+// prefetches into L1 evict the panel the next tiles read. Measured, one thread, 30 layers'
+// weights cycled from memory, 16 rows: 576 x 576, 576 x 1536, 1536 x 576 at 34-48 GFLOP/s
+// against 25-33, SmolLM2's [576, 49152] head (a column chunk 12288 wide) at 30-39 against
+// 15-18, and 6 to 12 rows alike; SmolLM2 at batch 16 (2 threads, alternated in one process):
+// 168-181 tok/s against 111-140, 131-138 without the prefetches, 158-168 with them as T2 or
+// NTA hints. Tried and no better: 24, 48, 64, 96 or 128 rows a block, 288, 384 or 768
+// columns, prefetching within the copy, prefetching inside the tiles' k loops. Zen 3 reads
+// memory at ~11.5 GB/s a core and ~20 on both; at 16 rows the tiles need ~9 a core, so the
+// copy still waits on memory for about a third of the tiles' time.
 constexpr int64_t kStreamRows = 32;
 constexpr int64_t kStreamCols = 12 * kTileCols;
 
@@ -481,7 +484,9 @@ void nn_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
       p.chunks = (p.N + p.step - 1) / p.step;
     } else {
       // Row chunks: each streams one contiguous block of W into its own partial sums.
-      const int64_t per = !v::kAvx512 && M > 4 ? 1 : 2;  // nn_stream: fewer, longer streams
+      // nn_stream: one chunk a thread, fewer first blocks that nothing prefetched (batch 16:
+      // 148-156 against 135-149 tok/s).
+      const int64_t per = !v::kAvx512 && M > 4 ? 1 : 2;
       const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(per * threads, K / 64));
       p.step = ((K + chunks - 1) / chunks + 7) / 8 * 8;
       p.chunks = (K + p.step - 1) / p.step;
