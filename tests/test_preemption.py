@@ -72,7 +72,7 @@ def setup(tmp_path_factory):
         )
     )
     ref = str(d / "reference")
-    r = subprocess.run(_cmd(cfg, ref), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(_cmd(cfg, ref), capture_output=True, text=True, timeout=600, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     return cfg, ref
 
@@ -84,6 +84,11 @@ def _cmd(cfg, workdir):
         f"--config={cfg}",
         f"--workdir={workdir}",
     ]
+
+
+# One CPU device in the runs: conftest's 8 fake devices made every launch compile and step
+# ~3x slower on 2 cores (sharded checkpoints resuming bitwise: test_finetune's in-process run).
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 
 def _losses(workdir):
@@ -128,7 +133,7 @@ def test_sigterm_checkpoints_the_step_exits_3_and_resumes_bitwise(setup, tmp_pat
     cfg, ref = setup
     wd = str(tmp_path / "run")
     proc = subprocess.Popen(
-        _cmd(cfg, wd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _cmd(cfg, wd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
     )
     deadline = time.time() + 300
     while _logged_steps(wd) < 4 and time.time() < deadline and proc.poll() is None:
@@ -141,7 +146,7 @@ def test_sigterm_checkpoints_the_step_exits_3_and_resumes_bitwise(setup, tmp_pat
     assert 4 <= step < STEPS
     ckpts = [int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()]
     assert step in ckpts  # the step it stopped at was written, whatever every_steps says
-    r = subprocess.run(_cmd(cfg, wd), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(_cmd(cfg, wd), capture_output=True, text=True, timeout=600, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same_run(wd, ref)
 
@@ -156,7 +161,11 @@ def test_kill_9_at_random_moments_resumes_bitwise(setup, tmp_path):
         launches += 1
         assert launches < 30, "the run never finished"
         proc = subprocess.Popen(
-            _cmd(cfg, wd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            _cmd(cfg, wd),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            env=ENV,
         )
         if kills >= 5 and during_write:
             _, err = proc.communicate(timeout=600)
