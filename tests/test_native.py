@@ -30,9 +30,9 @@ def test_available_on_this_machine():
 
 # (rows, K, N). From 5 rows nn runs in tiles of 8 rows x 48 columns over 32 rows of W (AVX2:
 # 2 rows, on copies of 32 x 576 blocks of W): the shapes cover ragged row tiles, column tiles,
-# blocks and row passes. From 17 rows (a prefill) it
-# packs W into 48-column panels, 2 a task, and runs them 192 rows of W at a time: ragged
-# panels (50, 200, 5000), row tiles (17, 100, 33) and passes (400: 2 of 200; 1000: 3).
+# blocks and row passes. From 17 rows (a prefill) it packs W into 48-column panels, 2 a task,
+# and runs them 192 rows of W at a time: ragged panels (50, 200, 5000), row tiles (17, 100,
+# 33) and passes (400: 2 of 200; 1000: 3).
 SHAPES = [
     (1, 576, 1536), (2, 1536, 576), (3, 100, 77), (5, 8, 5000), (7, 1000, 9),
     (16, 64, 4100), (8, 576, 576), (13, 200, 100), (16, 1536, 576), (9, 33, 47),

@@ -87,7 +87,8 @@ def _cmd(cfg, workdir):
 
 
 # One CPU device in the runs: conftest's 8 fake devices made every launch compile and step
-# ~3x slower on 2 cores (sharded checkpoints resuming bitwise: test_finetune's in-process run).
+# 1.5-2x slower on 2 cores (kill -9: 224 against 124 s; sharded checkpoints resuming bitwise:
+# test_finetune's in-process run).
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 
