@@ -352,6 +352,29 @@ void nn_tile_rows(const float* x, const T* w, float* out, int64_t M, int64_t K, 
 // Rows of W per pass over a block's columns (AVX-512; AVX2 streams W through nn_stream).
 constexpr int64_t kTileRows = 32;
 
+// `rows` rows of `width` columns of W (row stride ld) into dst as 48-column panels:
+// [ceil(width / 48)][rows][48], zero past the width (bfloat16 widened). prefetch: fetch
+// the row 8 ahead by hand (rows ld apart: further than the hardware prefetcher follows).
+template <typename T>
+void pack_panels(const T* w, int64_t ld, int64_t rows, int64_t width, float* dst, bool prefetch) {
+  const int64_t panels = (width + kTileCols - 1) / kTileCols;
+  for (int64_t k = 0; k < rows; ++k) {
+    const T* src = w + k * ld;
+    if (prefetch && k + 8 < rows) {
+      for (int64_t o = 0; o < width; o += 64 / static_cast<int64_t>(sizeof(T))) {
+        _mm_prefetch(reinterpret_cast<const char*>(src + 8 * ld + o), _MM_HINT_T0);
+      }
+    }
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t j = p * kTileCols;
+      float* d = dst + (p * rows + k) * kTileCols;
+      _Pragma("GCC unroll 3") for (int v = 0; v < 3; ++v) {
+        v::storeu(d + 16 * v, load16(src + j + 16 * v, lane_mask(width - j - 16 * v)));
+      }
+    }
+  }
+}
+
 // AVX2's form of the register-blocked nn (M > 4): W read in blocks of kStreamRows rows x
 // kStreamCols columns, each row's segment one contiguous run (the whole row of a 576-wide W),
 // copied (bfloat16 widened) into 48-column panels of kStreamRows x 48 contiguous floats in
@@ -390,16 +413,7 @@ void nn_stream(const float* x, const T* w, float* out, int64_t M, int64_t K, int
     const int64_t je = std::min(j1, jb + kStreamCols), panels = (je - jb + kTileCols - 1) / kTileCols;
     for (int64_t kb = k0; kb < k1; kb += kStreamRows) {
       const int64_t ke = std::min(k1, kb + kStreamRows), kr = ke - kb;
-      for (int64_t k = kb; k < ke; ++k) {
-        const T* src = w + k * N + jb;
-        for (int64_t p = 0; p < panels; ++p) {
-          const int64_t j = p * kTileCols;
-          float* d = pk + (p * kr + k - kb) * kTileCols;
-          _Pragma("GCC unroll 3") for (int c = 0; c < 3; ++c) {
-            v::storeu(d + 16 * c, load16(src + j + 16 * c, lane_mask(je - jb - j - 16 * c)));
-          }
-        }
-      }
+      pack_panels(w + kb * N + jb, N, kr, je - jb, pk, false);
       // The next block: the following rows of these columns, else the next columns' first.
       const bool down = ke < k1;
       const int64_t nk = down ? ke : k0, nj = down ? jb : je;
@@ -563,23 +577,8 @@ struct GemmPlan {
 // Panels [p0, p1) of W into dst: [p1 - p0][K][48], zero past column N.
 template <typename T>
 void gemm_pack(const void* wv, int64_t N, int64_t K, int64_t p0, int64_t p1, float* dst) {
-  const T* w = static_cast<const T*>(wv);
-  const int64_t j0 = p0 * kTileCols, width = std::min(N, p1 * kTileCols) - j0;
-  for (int64_t k = 0; k < K; ++k) {
-    const T* src = w + k * N + j0;
-    if (k + 8 < K) {  // rows N apart: further apart than the hardware prefetcher follows
-      for (int64_t o = 0; o < width; o += 64 / static_cast<int64_t>(sizeof(T))) {
-        _mm_prefetch(reinterpret_cast<const char*>(src + 8 * N + o), _MM_HINT_T0);
-      }
-    }
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t j = (p - p0) * kTileCols;
-      float* d = dst + ((p - p0) * K + k) * kTileCols;
-      _Pragma("GCC unroll 3") for (int v = 0; v < 3; ++v) {
-        v::storeu(d + 16 * v, load16(src + j + 16 * v, lane_mask(width - j - 16 * v)));
-      }
-    }
-  }
+  const int64_t j0 = p0 * kTileCols;
+  pack_panels(static_cast<const T*>(wv) + j0, N, K, std::min(N, p1 * kTileCols) - j0, dst, true);
 }
 
 // out[r, :n] = silu(g[r, :n]) * u[r, :n] = g / (1 + e^-g) * u for `rows` rows of g and u.
