@@ -11,6 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import one_device_env
 
 from lm import lora
 from lm.checkpoint import Checkpointer
@@ -88,13 +89,12 @@ def test_shakespeare_smoke_learns(tmp_path):
     """The README's Shakespeare command (its :smoke config, 200 steps) through the script, in a
     process with one CPU device: here conftest's 8 fake devices made the same run ~180 s."""
     wd = str(tmp_path / "run")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "finetune.py"),
          f"--config={os.path.join(ROOT, 'configs', 'shakespeare_char.py')}:smoke",
          f"--workdir={wd}", "--config.train.num_steps=200", "--config.train.progress=False",
          "--config.data.max_eval_examples=64"],
-        env=env, capture_output=True, text=True, timeout=900,
+        env=one_device_env(), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]
     rows = read_jsonl(os.path.join(wd, "metrics.jsonl"))

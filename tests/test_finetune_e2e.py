@@ -8,16 +8,15 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import one_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def script(name, *args, check=True):
-    # One CPU device in the subprocess (conftest's 8 fake devices would only slow it down).
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", name), *args],
-        env=env,
+        env=one_device_env(),
         capture_output=True,
         text=True,
         timeout=900,

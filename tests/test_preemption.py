@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import one_device_env
 
 from lm.metrics import read_jsonl
 
@@ -86,10 +87,10 @@ def _cmd(cfg, workdir):
     ]
 
 
-# One CPU device in the runs: conftest's 8 fake devices made every launch compile and step
-# 1.5-2x slower on 2 cores (kill -9: 224 against 124 s; sharded checkpoints resuming bitwise:
-# test_finetune's in-process run).
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+# One CPU device in the runs: conftest's 8 fake devices made every launch 1.5-2x slower on 2
+# cores (kill -9: 224 against 124 s; sharded checkpoints resuming bitwise: test_finetune's
+# in-process run).
+ENV = one_device_env()
 
 
 def _losses(workdir):

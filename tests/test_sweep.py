@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from conftest import one_device_env
 
 from lm import sweep
 
@@ -129,8 +130,7 @@ def test_sweep_killed_half_way_and_relaunched_finishes(tmp_path):
         f"--workdir={wd}",
     ]
     names = [sweep.run_name(i, r) for i, r in enumerate(sweep.load_sweep(CONFIG, str(sweep_file)))]
-    # One CPU device for the runs (conftest's 8 fake devices only slow each launch down).
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = one_device_env()
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env
     )
