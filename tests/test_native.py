@@ -130,7 +130,7 @@ def test_small_matmul_rejects_bad_operands():
 @pytest.mark.parametrize(
     "b,kv,g,h,s,dtype",
     [(1, 3, 3, 64, 144, "float32"), (16, 3, 3, 64, 37, "float32"), (3, 1, 2, 80, 200, "bfloat16"),
-     (2, 2, 4, 32, 16, "bfloat16"), (4, 1, 1, 17, 5, "float32")],
+     (2, 2, 4, 32, 16, "bfloat16"), (4, 1, 1, 17, 5, "float32"), (2, 2, 5, 48, 70, "float32")],
 )  # fmt: skip
 def test_decode_attention_equals_dot_attention(b, kv, g, h, s, dtype):
     """The kernel's attention step against slice updates + lm.layers.dot_attention: ragged S

@@ -801,20 +801,76 @@ inline float softmax_row(float* x, int64_t n) {
   return 1.0f / v::reduce_add(sum);
 }
 
-// acc = sum_i a[i] * rows[i, col0 : col0 + 64] for rows [n, width] (row-major), 4 vectors of
-// 16 columns; mk masks off the columns at or past limit (<= width).
-template <typename T>
-void combine_rows(const float* a, const T* rows, int64_t n, int64_t width, int64_t limit,
-                  int64_t col0, v::mask (&mk)[4], v::f32 (&acc)[4]) {
-  for (int c = 0; c < 4; ++c) {
-    mk[c] = lane_mask(limit - col0 - 16 * c);
-    acc[c] = v::setzero();
-  }
+// Query heads attended together (the G heads of one KV head share its K and V), and vectors
+// of 16 columns per pass: their accumulators fill 12 of AVX2's 16 ymm registers (a vector is
+// two) or 16 of AVX-512's 32 zmm. Measured on Zen 3 (one SmolLM2 layer at batch 16, 141 of
+// 256 slots filled, 30 layers' caches cycled from memory): 862 against 1325 us a layer in
+// float32 and 552 against 800 in bfloat16 for one head at a time over 64 columns.
+constexpr int kHeadsMax = v::kAvx512 ? 4 : 3;
+constexpr int kAttnVecs = v::kAvx512 ? 4 : 2;
+
+// acc[g] = sum_i a[g * lda + i] * rows[i, col0 : col0 + 16 NV] for GR heads g, rows [n, width]
+// (row-major): each row segment is loaded (and widened) once for all GR heads, where one head
+// at a time paid a load per FMA. mk masks off the columns at or past limit (<= width).
+template <typename T, int GR, int NV, bool Full>
+void combine_heads_rows(const float* a, int64_t lda, const T* rows, int64_t n, int64_t width,
+                        int64_t col0, const v::mask (&mk)[NV], v::f32 (&acc)[GR][NV]) {
   for (int64_t i = 0; i < n; ++i) {
-    const v::f32 ab = v::set1(a[i]);
     const T* row = rows + i * width + col0;
-    _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) {
-      acc[c] = v::fmadd(ab, load16(row + 16 * c, mk[c]), acc[c]);
+    v::f32 x[GR];
+    _Pragma("GCC unroll 4") for (int g = 0; g < GR; ++g) x[g] = v::set1(a[g * lda + i]);
+    _Pragma("GCC unroll 4") for (int c = 0; c < NV; ++c) {
+      const v::f32 b = Full ? load16(row + 16 * c) : load16(row + 16 * c, mk[c]);
+      _Pragma("GCC unroll 4") for (int g = 0; g < GR; ++g) acc[g][c] = v::fmadd(x[g], b, acc[g][c]);
+    }
+  }
+}
+
+template <typename T, int GR, int NV>
+void combine_heads(const float* a, int64_t lda, const T* rows, int64_t n, int64_t width,
+                   int64_t limit, int64_t col0, v::mask (&mk)[NV], v::f32 (&acc)[GR][NV]) {
+  bool full = true;
+  for (int c = 0; c < NV; ++c) {
+    mk[c] = lane_mask(limit - col0 - 16 * c);
+    full = full && mk[c] == v::mask(0xFFFF);
+    for (int g = 0; g < GR; ++g) acc[g][c] = v::setzero();
+  }
+  if (full) {
+    combine_heads_rows<T, GR, NV, true>(a, lda, rows, n, width, col0, mk, acc);
+  } else {
+    combine_heads_rows<T, GR, NV, false>(a, lda, rows, n, width, col0, mk, acc);
+  }
+}
+
+// GR query heads (q [GR, H]) against the first n of S keys of one KV head.
+template <typename T, int GR>
+void attend_heads(const float* q, const T* k, const T* v, const uint8_t* mask, float* out,
+                  int64_t H, int64_t S, int64_t n, float scale, float* scores) {
+  constexpr int NV = kAttnVecs;
+  const v::f32 lowest = v::set1(-3.4028235e38f);
+  v::mask mk[NV];
+  v::f32 acc[GR][NV];
+  // scores[g, s] = sum_h q[g, h] K[h, s]: K's rows are contiguous in s.
+  for (int64_t s0 = 0; s0 < n; s0 += 16 * NV) {
+    combine_heads<T, GR, NV>(q, H, k, H, S, n, s0, mk, acc);
+    for (int c = 0; c < NV; ++c) {
+      if (!mk[c]) break;
+      const v::mask seen = v::nonzero16(mask + s0 + 16 * c, mk[c]);
+      for (int g = 0; g < GR; ++g) {
+        const v::f32 sc = v::mask_blend(seen, lowest, v::mul(acc[g][c], v::set1(scale)));
+        v::mask_storeu(scores + g * S + s0 + 16 * c, mk[c], sc);
+      }
+    }
+  }
+  float inv[GR];
+  for (int g = 0; g < GR; ++g) inv[g] = softmax_row(scores + g * S, n);
+  // out[g] = (sum_s p[g, s] V[s, :]) / sum_s p[g, s]: V's rows are contiguous in h.
+  for (int64_t h0 = 0; h0 < H; h0 += 16 * NV) {
+    combine_heads<T, GR, NV>(scores, S, v, n, H, H, h0, mk, acc);
+    for (int g = 0; g < GR; ++g) {
+      for (int c = 0; c < NV; ++c) {
+        v::mask_storeu(out + g * H + h0 + 16 * c, mk[c], v::mul(acc[g][c], v::set1(inv[g])));
+      }
     }
   }
 }
@@ -823,38 +879,16 @@ void combine_rows(const float* a, const T* rows, int64_t n, int64_t width, int64
 template <typename T>
 void attend_one(const float* q, const T* k, const T* v, const uint8_t* mask, float* out,
                 int64_t G, int64_t H, int64_t S, float scale, float* scores) {
-  const v::f32 lowest = v::set1(-3.4028235e38f);
   // Slots past the last one the mask admits weigh exactly 0 after the softmax: skip them (a
   // decoding step's cache is filled up to its index; the rest of the bucket is empty). With
   // no slot admitted, all S stay (a uniform average, as without the cut).
   int64_t n = S;
   while (n > 0 && !mask[n - 1]) --n;
   if (n == 0) n = S;
-  for (int64_t g = 0; g < G; ++g) {
-    const float* qg = q + g * H;
-    float* sg = scores + g * S;
-    // scores[s] = sum_h q[h] K[h, s]: K's rows are contiguous in s.
-    for (int64_t s0 = 0; s0 < n; s0 += 64) {
-      v::mask mk[4];
-      v::f32 acc[4];
-      combine_rows(qg, k, H, S, n, s0, mk, acc);
-      for (int c = 0; c < 4; ++c) {
-        if (!mk[c]) break;
-        const v::mask seen = v::nonzero16(mask + s0 + 16 * c, mk[c]);
-        const v::f32 sc = v::mask_blend(seen, lowest, v::mul(acc[c], v::set1(scale)));
-        v::mask_storeu(sg + s0 + 16 * c, mk[c], sc);
-      }
-    }
-    const float inv = softmax_row(sg, n);
-    // out = (sum_s p[s] V[s, :]) / sum_s p[s]: V's rows are contiguous in h.
-    for (int64_t h0 = 0; h0 < H; h0 += 64) {
-      v::mask mk[4];
-      v::f32 acc[4];
-      combine_rows(sg, v, n, H, H, h0, mk, acc);
-      for (int c = 0; c < 4; ++c) {
-        v::mask_storeu(out + g * H + h0 + 16 * c, mk[c], v::mul(acc[c], v::set1(inv)));
-      }
-    }
+  for (int64_t g = 0; g < G; g += kHeadsMax) {
+    with_rows<kHeadsMax>(G - g, [&](auto R) {
+      attend_heads<T, R>(q + g * H, k, v, mask, out + g * H, H, S, n, scale, scores + g * S);
+    });
   }
 }
 
