@@ -75,6 +75,20 @@ def test_small_matmuls_of_mixed_weights_equal_xla_dots(rows):
 
 
 @needs_kernel
+def test_small_matmuls_are_bitwise_repeatable():
+    """The threads claim chunks as they come free; the sums must not depend on who ran what
+    (greedy decoding and a seed's samples are repeatable only then)."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((16, 1536)), jnp.float32)
+    ws = [jnp.asarray(rng.standard_normal((1536, n)), jnp.float32) for n in (576, 192, 6000)]
+    f = jax.jit(native.small_matmuls)
+    first = [np.asarray(g) for g in f(x, ws)]
+    for _ in range(20):
+        for g, want in zip(f(x, ws), first, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), want)
+
+
+@needs_kernel
 @pytest.mark.parametrize(
     "rows,k,n", [(1, 576, 1536), (12, 64, 100), (100, 400, 200), (512, 576, 1536)]
 )

@@ -396,8 +396,8 @@ constexpr int64_t kStreamCols = 12 * kTileCols;
 // A cursor over the cache lines of `rows` rows of W, each `per_row` lines long and `stride`
 // bytes from the last: the block nn_stream's tiles prefetch, a share before each tile.
 struct Lines {
-  const char* row;
-  int64_t stride, per_row, rows, col = 0;
+  const char* row = nullptr;
+  int64_t stride = 0, per_row = 0, rows = 0, col = 0;
   void next() {
     if (rows <= 0) return;
     _mm_prefetch(row + 64 * col, _MM_HINT_T0);
@@ -405,9 +405,21 @@ struct Lines {
   }
 };
 
+// The lines of nn_stream's first block of rows [k0, k1) x columns [j0, j1) of W [K, N].
+template <typename T>
+Lines first_block(const T* w, int64_t N, int64_t k0, int64_t k1, int64_t j0, int64_t j1) {
+  if (k0 >= k1 || j0 >= j1) return Lines{};
+  const int64_t line = 64 / static_cast<int64_t>(sizeof(T));
+  return Lines{reinterpret_cast<const char*>(w + k0 * N + j0), N * static_cast<int64_t>(sizeof(T)),
+               (std::min(j1, j0 + kStreamCols) - j0 + line - 1) / line,
+               std::min(k1, k0 + kStreamRows) - k0};
+}
+
+// Rows [k0, k1) x columns [j0, j1) of W into out (written). The last block's tiles prefetch
+// `after` (the block the thread runs next, when known).
 template <typename T>
 void nn_stream(const float* x, const T* w, float* out, int64_t M, int64_t K, int64_t N,
-               int64_t k0, int64_t k1, int64_t j0, int64_t j1) {
+               int64_t k0, int64_t k1, int64_t j0, int64_t j1, Lines after = Lines{}) {
   float* pk = scratch(kStreamRows * kStreamCols, 2);
   for (int64_t jb = j0; jb < j1; jb += kStreamCols) {
     const int64_t je = std::min(j1, jb + kStreamCols), panels = (je - jb + kTileCols - 1) / kTileCols;
@@ -417,13 +429,9 @@ void nn_stream(const float* x, const T* w, float* out, int64_t M, int64_t K, int
       // The next block: the following rows of these columns, else the next columns' first.
       const bool down = ke < k1;
       const int64_t nk = down ? ke : k0, nj = down ? jb : je;
-      const int64_t rows = nj < j1 ? std::min(k1, nk + kStreamRows) - nk : 0;
-      const int64_t line = 64 / static_cast<int64_t>(sizeof(T));
-      const int64_t per_row = (std::min(j1, nj + kStreamCols) - nj + line - 1) / line;
-      Lines ahead{reinterpret_cast<const char*>(w + nk * N + nj),
-                  N * static_cast<int64_t>(sizeof(T)), per_row, rows};
+      Lines ahead = nj < j1 ? first_block(w, N, nk, k1, nj, j1) : after;
       const int64_t tiles = panels * ((M + kTileRowsMax - 1) / kTileRowsMax);
-      const int64_t per_tile = (rows * per_row + tiles - 1) / tiles;
+      const int64_t per_tile = (ahead.rows * ahead.per_row + tiles - 1) / tiles;
       for (int64_t p = 0; p < panels; ++p) {
         const int64_t j = jb + p * kTileCols;
         const v::mask mk[3] = {lane_mask(je - j), lane_mask(je - j - 16), lane_mask(je - j - 32)};
@@ -439,11 +447,11 @@ void nn_stream(const float* x, const T* w, float* out, int64_t M, int64_t K, int
   }
 }
 
-// Rows [k0, k1) of W into out[M, N] (zeroed here).
+// Rows [k0, k1) of W into out[M, N] (zeroed here): a chunk of nn_many (AVX2 at 5-16 rows
+// runs nn_many_stream instead).
 template <typename T>
 void nn_block(const float* x, const T* w, float* out, int64_t M, int64_t K, int64_t N,
               int64_t k0, int64_t k1, int64_t j0, int64_t j1) {
-  if (!v::kAvx512 && M > 4) return nn_stream<T>(x, w, out, M, K, N, k0, k1, j0, j1);
   if (M > 4) {
     for (int64_t kb = k0; kb < k1; kb += kTileRows) {
       const int64_t ke = std::min(k1, kb + kTileRows);
@@ -483,11 +491,119 @@ void nn_chunk(const NnPlan& p, const float* x, int64_t M, int64_t K, int64_t c) 
   }
 }
 
+// out_i (+)= the sum of plan i's chunks' partial sums (plans with partials), added in chunk
+// order, in slices of out shared between the threads.
+void add_partials(ffi::ThreadPool& pool, int64_t M, const std::vector<NnPlan>& plans,
+                  bool accumulate) {
+  std::vector<std::pair<int, int64_t>> sums;  // (plan, slice of 4096 floats)
+  constexpr int64_t kSlice = 4096;
+  for (size_t i = 0; i < plans.size(); ++i) {
+    if (!plans[i].partial) continue;
+    for (int64_t o = 0; o < M * plans[i].N; o += kSlice) sums.emplace_back(static_cast<int>(i), o);
+  }
+  const NnPlan* ps = plans.data();
+  const std::pair<int, int64_t>* ss = sums.data();
+  parallel_for(pool, static_cast<int64_t>(sums.size()), [=](int64_t t) {
+    const NnPlan& p = ps[ss[t].first];
+    const int64_t size = M * p.N, lo = ss[t].second, hi = std::min(size, lo + kSlice);
+    if (!accumulate) std::copy(p.partial + lo, p.partial + hi, p.out + lo);
+    for (int64_t c = accumulate ? 0 : 1; c < p.chunks; ++c) {
+      const float* src = p.partial + c * size;
+      for (int64_t i = lo; i < hi; ++i) p.out[i] += src[i];
+    }
+  });
+}
+
+// nn_many on AVX2 at 5-16 rows (nn_stream). Each weight's rows are cut into chunks of
+// kStreamChunk rows (an LM head's columns into chunks of kStreamHeadCols), every chunk with
+// its own partial sums; the threads claim chunks one at a time, and claim their next one when
+// they start one, so that the current chunk's last block prefetches the next chunk's first
+// (across weights too: q, k and v; gate and up). Why: with one fixed chunk a thread, a step of
+// SmolLM2 at batch 16 spent ~6.5% of both threads' time with one waiting for the other at the
+// end of a call (parallel_for timed; the threads' speeds differ from call to call), and each
+// chunk started cold. Measured, SmolLM2 at batch 16, chunkings alternated call by call in one
+// process (64 tokens x 8-10 rounds, median ratio to the old one-chunk-a-thread): 192-row
+// chunks 1.053-1.096 (float32) and 1.035 (bfloat16); 96 rows 1.038, 128 rows 1.022, 288
+// rows 1.054; 32-row blocks into per-thread partial sums 1.012-1.067 (and not deterministic:
+// the sums' grouping followed the claims); chunks of 48, 96 or 192 columns down all rows
+// 0.80-0.98 (rows of W read 192-768 bytes at a time). The chunks are fixed by the shapes
+// alone and added up in order, so the result does not depend on which thread ran what.
+constexpr int64_t kStreamChunk = 6 * kStreamRows;
+constexpr int64_t kStreamHeadCols = 4 * kStreamCols;
+
+struct StreamChunk {
+  int plan;
+  int64_t k0, k1, j0, j1;
+  float* partial;  // the chunk's partial sums [M, N] (null: straight into out)
+};
+
+void nn_many_stream(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
+                    std::vector<NnPlan>& plans, bool accumulate) {
+  int64_t buffered = 0;
+  for (NnPlan& p : plans) {
+    p.by_columns = p.N > 4096 && !accumulate;
+    p.partial = nullptr;
+    p.chunks = p.by_columns ? (p.N + kStreamHeadCols - 1) / kStreamHeadCols
+                            : (K + kStreamChunk - 1) / kStreamChunk;
+    if (!p.by_columns && (p.chunks > 1 || accumulate)) buffered += p.chunks * M * p.N;
+  }
+  std::unique_ptr<float[]> partial(buffered ? new float[buffered] : nullptr);
+  std::vector<StreamChunk> chunks;
+  float* next_partial = partial.get();
+  for (size_t i = 0; i < plans.size(); ++i) {
+    NnPlan& p = plans[i];
+    const int plan = static_cast<int>(i);
+    if (p.by_columns) {
+      for (int64_t j = 0; j < p.N; j += kStreamHeadCols) {
+        chunks.push_back({plan, 0, K, j, std::min(p.N, j + kStreamHeadCols), nullptr});
+      }
+      continue;
+    }
+    if (p.chunks > 1 || accumulate) {
+      p.partial = next_partial;
+      next_partial += p.chunks * M * p.N;
+    }
+    for (int64_t c = 0; c < p.chunks; ++c) {
+      chunks.push_back({plan, c * kStreamChunk, std::min(K, (c + 1) * kStreamChunk), 0, p.N,
+                        p.partial ? p.partial + c * M * p.N : nullptr});
+    }
+  }
+  const int64_t n = static_cast<int64_t>(chunks.size());
+  const NnPlan* ps = plans.data();
+  const StreamChunk* cs = chunks.data();
+  auto first_of = [&](int64_t c) {
+    if (c >= n) return Lines{};
+    const StreamChunk& ch = cs[c];
+    const NnPlan& p = ps[ch.plan];
+    return p.bf16 ? first_block(static_cast<const bf16*>(p.w), p.N, ch.k0, ch.k1, ch.j0, ch.j1)
+                  : first_block(static_cast<const float*>(p.w), p.N, ch.k0, ch.k1, ch.j0, ch.j1);
+  };
+  std::atomic<int64_t> claimed{0};
+  parallel_for(pool, pool.num_threads() + 1, [&](int64_t) {
+    for (int64_t c = claimed.fetch_add(1, std::memory_order_relaxed); c < n;) {
+      const int64_t after = claimed.fetch_add(1, std::memory_order_relaxed);
+      const StreamChunk& ch = cs[c];
+      const NnPlan& p = ps[ch.plan];
+      float* dst = ch.partial ? ch.partial : p.out;
+      if (p.bf16) {
+        nn_stream(x, static_cast<const bf16*>(p.w), dst, M, K, p.N, ch.k0, ch.k1, ch.j0, ch.j1,
+                  first_of(after));
+      } else {
+        nn_stream(x, static_cast<const float*>(p.w), dst, M, K, p.N, ch.k0, ch.k1, ch.j0, ch.j1,
+                  first_of(after));
+      }
+      c = after;
+    }
+  });
+  add_partials(pool, M, plans, accumulate);
+}
+
 // out_i = x @ W_i for weights sharing x (q/k/v, gate/up): one call, one pool of chunks, so the
 // small matrices ride along with the large ones instead of each paying for a thread handoff.
 // accumulate: out_i += x @ W_i (every weight through partial sums, added onto out at the end).
 void nn_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
              std::vector<NnPlan>& plans, bool accumulate = false) {
+  if (!v::kAvx512 && M > 4) return nn_many_stream(pool, x, M, K, plans, accumulate);
   const int64_t threads = pool.num_threads() + 1;
   int64_t buffered = 0;
   for (NnPlan& p : plans) {
@@ -498,10 +614,7 @@ void nn_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
       p.chunks = (p.N + p.step - 1) / p.step;
     } else {
       // Row chunks: each streams one contiguous block of W into its own partial sums.
-      // nn_stream: one chunk a thread, fewer first blocks that nothing prefetched (batch 16:
-      // 148-156 against 135-149 tok/s).
-      const int64_t per = !v::kAvx512 && M > 4 ? 1 : 2;
-      const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(per * threads, K / 64));
+      const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(2 * threads, K / 64));
       p.step = ((K + chunks - 1) / chunks + 7) / 8 * 8;
       p.chunks = (K + p.step - 1) / p.step;
       if (p.chunks > 1 || accumulate) buffered += p.chunks * M * p.N;
@@ -525,23 +638,7 @@ void nn_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
     const NnPlan& p = ps[ts[t].first];
     p.bf16 ? nn_chunk<bf16>(p, x, M, K, ts[t].second) : nn_chunk<float>(p, x, M, K, ts[t].second);
   });
-  // Add up the partial sums, in slices of out shared between the threads as well.
-  std::vector<std::pair<int, int64_t>> sums;  // (plan, slice of 4096 floats)
-  constexpr int64_t kSlice = 4096;
-  for (size_t i = 0; i < plans.size(); ++i) {
-    if (!plans[i].partial) continue;
-    for (int64_t o = 0; o < M * plans[i].N; o += kSlice) sums.emplace_back(static_cast<int>(i), o);
-  }
-  const std::pair<int, int64_t>* ss = sums.data();
-  parallel_for(pool, static_cast<int64_t>(sums.size()), [=](int64_t t) {
-    const NnPlan& p = ps[ss[t].first];
-    const int64_t size = M * p.N, lo = ss[t].second, hi = std::min(size, lo + kSlice);
-    if (!accumulate) std::copy(p.partial + lo, p.partial + hi, p.out + lo);
-    for (int64_t c = accumulate ? 0 : 1; c < p.chunks; ++c) {
-      const float* src = p.partial + c * size;
-      for (int64_t i = lo; i < hi; ++i) p.out[i] += src[i];
-    }
-  });
+  add_partials(pool, M, plans, accumulate);
 }
 
 // Many-row products (a prompt's prefill: M > kNnRows rows), after BLIS (Van Zee & van de
