@@ -124,11 +124,17 @@ def run_torch(steps: int) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--order", default="lm,torch")
+    ap.add_argument("--order", default="lm,torch", help="which runs first: lm,torch or torch,lm")
+    ap.add_argument("--only", choices=["both", "lm", "torch"], default="both")
     args = ap.parse_args()
     runs = {"lm": run_lm, "torch": run_torch}
+    order = args.order.split(",")
+    if sorted(order) != ["lm", "torch"]:
+        ap.error(f"--order={args.order!r}: give lm,torch or torch,lm")
     out = {}
-    for name in args.order.split(","):
+    for name in order:
+        if args.only not in ("both", name):
+            continue
         r = runs[name](args.steps)
         r.update(steps=args.steps, eval_perplexity=math.exp(r["eval_loss"]))
         print(json.dumps(r), flush=True)
