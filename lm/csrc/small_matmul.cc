@@ -900,9 +900,11 @@ inline float softmax_row(float* x, int64_t n) {
 
 // Query heads attended together (the G heads of one KV head share its K and V), and vectors
 // of 16 columns per pass: their accumulators fill 12 of AVX2's 16 ymm registers (a vector is
-// two) or 16 of AVX-512's 32 zmm. Measured on Zen 3 (one SmolLM2 layer at batch 16, 141 of
-// 256 slots filled, 30 layers' caches cycled from memory): 862 against 1325 us a layer in
-// float32 and 552 against 800 in bfloat16 for one head at a time over 64 columns.
+// two) or 16 of AVX-512's 32 zmm. Measured on Zen 3 (one SmolLM2 layer's call at batch 16,
+// 141 of 256 slots filled, 30 layers' donated caches cycled, timed from Python): 487-526
+// against 557-632 us in float32 and 465-479 against 609-767 in bfloat16 for one head at a
+// time over 64 columns; in a profiled batch-16 step the attention's share in bfloat16 fell
+// from 9.9% to 7.5% (float32's stayed ~8%: its cache reads wait on memory).
 constexpr int kHeadsMax = v::kAvx512 ? 4 : 3;
 constexpr int kAttnVecs = v::kAvx512 ? 4 : 2;
 
