@@ -521,10 +521,10 @@ void add_partials(ffi::ThreadPool& pool, int64_t M, const std::vector<NnPlan>& p
 // (across weights too: q, k and v; gate and up). Why: with one fixed chunk a thread, a step of
 // SmolLM2 at batch 16 spent ~6.5% of both threads' time with one waiting for the other at the
 // end of a call (parallel_for timed; the threads' speeds differ from call to call), and each
-// chunk started cold. Measured, SmolLM2 at batch 16, chunkings alternated call by call in one
-// process (64 tokens x 8-10 rounds, median ratio to the old one-chunk-a-thread): 192-row
-// chunks 1.053-1.096 (float32) and 1.035 (bfloat16); 96 rows 1.038, 128 rows 1.022, 288
-// rows 1.054; 32-row blocks into per-thread partial sums 1.012-1.067 (and not deterministic:
+// chunk started cold. Measured, SmolLM2 at batch 16, chunkings alternated generation by
+// generation in one process (64 tokens x 8-10 rounds, median ratio to one chunk a thread):
+// 192-row chunks 1.053-1.096 (float32) and 1.035 (bfloat16); 96 rows 1.038, 128 rows 1.022,
+// 288 rows 1.054; 32-row blocks into per-thread partial sums 1.012-1.067 (and not deterministic:
 // the sums' grouping followed the claims); chunks of 48, 96 or 192 columns down all rows
 // 0.80-0.98 (rows of W read 192-768 bytes at a time). The chunks are fixed by the shapes
 // alone and added up in order, so the result does not depend on which thread ran what.
