@@ -229,21 +229,45 @@ def _load_sft(tok, context, files, cache_dir, max_examples) -> lmdata.PackedSpli
     return lmdata.PackedSplit(ex, pack_rows(ex.input_lengths, context), context, convs)
 
 
-def load_model(config, data: CausalData):
-    """``lm.experiment.load_model`` for a causal-LM run: a randomly initialized preset gets the
-    data's vocabulary size unless config.model.vocab_size sets one (which must cover it)."""
+def _with_vocab(config, data: CausalData):
+    """A randomly initialized preset gets the data's vocabulary size unless
+    config.model.vocab_size sets one."""
     import copy
 
-    from lm.experiment import ConfigError, is_preset
-    from lm.experiment import load_model as load
+    from lm.experiment import is_preset
 
     if is_preset(config.model.name) and config.model.get("vocab_size") is None:
         config = copy.deepcopy(config)
         config.model.vocab_size = int(data.vocab_size)
-    model = load(config)
-    if data.kind == "chars" and model.cfg.vocab_size < data.vocab_size:
+    return config
+
+
+def _check_vocab(cfg, data: CausalData) -> None:
+    from lm.experiment import ConfigError
+
+    if data.kind == "chars" and cfg.vocab_size < data.vocab_size:
         raise ConfigError(
-            f"config.model.vocab_size={model.cfg.vocab_size} is smaller than the "
+            f"config.model.vocab_size={cfg.vocab_size} is smaller than the "
             f"{data.vocab_size} characters of the text"
         )
+
+
+def preset_model_config(config, data: CausalData):
+    """``lm.experiment.preset_model_config`` for a causal-LM run (the data's vocabulary; checked
+    against the text's characters), or None for a checkpoint."""
+    from lm.experiment import preset_model_config as preset_cfg
+
+    cfg = preset_cfg(_with_vocab(config, data))
+    if cfg is not None:
+        _check_vocab(cfg, data)
+    return cfg
+
+
+def load_model(config, data: CausalData):
+    """``lm.experiment.load_model`` for a causal-LM run: a randomly initialized preset gets the
+    data's vocabulary size unless config.model.vocab_size sets one (which must cover it)."""
+    from lm.experiment import load_model as load
+
+    model = load(_with_vocab(config, data))
+    _check_vocab(model.cfg, data)
     return model

@@ -484,13 +484,8 @@ def load_model(config: ml_collections.ConfigDict, num_labels: int | None = None)
 
     task = get_task(config.task)
     name = config.model.name
-    if is_preset(name):
-        from lm.config import preset
-
-        base = preset(name)
-        if num_labels:
-            base = base.replace(num_labels=num_labels)
-        cfg = model_config(config, base)
+    cfg = preset_model_config(config, num_labels)
+    if cfg is not None:
         return Model(cfg, init_params(cfg, int(config.train.seed)), None, None)
     m = load(
         name,
@@ -506,6 +501,21 @@ def load_model(config: ml_collections.ConfigDict, num_labels: int | None = None)
 
         params = add_adapters(cfg, params, int(config.train.seed))
     return Model(cfg, params, None, m.labels)
+
+
+def preset_model_config(
+    config: ml_collections.ConfigDict, num_labels: int | None = None
+) -> ModelConfig | None:
+    """The ModelConfig ``load_model`` gives a preset (known before its parameters exist), or
+    None for a checkpoint (its config comes with its weights)."""
+    if not is_preset(config.model.name):
+        return None
+    from lm.config import preset
+
+    base = preset(config.model.name)
+    if num_labels:
+        base = base.replace(num_labels=num_labels)
+    return model_config(config, base)
 
 
 def load_tokenizer(config: ml_collections.ConfigDict):

@@ -505,6 +505,49 @@ def compiled_steps(
     return tx, schedule, abstract, shardings, init, step_fn, eval_fn, frozen_sh
 
 
+class _Background:
+    """``fn()`` on a thread of its own; ``result()`` waits for it and returns its value or
+    raises its exception."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self._out: list = []
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn):
+        try:
+            self._out.append((True, fn()))
+        except BaseException as e:  # noqa: BLE001 (re-raised by result())
+            self._out.append((False, e))
+
+    def result(self):
+        self._thread.join()
+        ok, value = self._out[0]
+        if not ok:
+            raise value
+        return value
+
+
+def _precompile(init, step_fn, eval_fn, abstract, shardings, mesh, rules, rng, batch, eval_batch):
+    """Compile ``init`` (None: skip), the train step and the eval step for the shapes of the
+    first batches, as the loop calls them (same shardings and context: the jitted functions
+    keep the executables, so those calls compile nothing). A later bucket's shape compiles on
+    its first use, as before."""
+    from lm.checkpoint import abstract_with_shardings
+
+    state = abstract_with_shardings(abstract, shardings)
+    if init is not None:
+        init.lower(state.params).compile()
+
+    def put(b):
+        return sharding.global_batch(sharding.process_local(b, mesh), mesh)
+
+    with mesh_context(mesh, rules):
+        step_fn.lower(state, put(batch), rng).compile()
+        if eval_batch is not None:
+            eval_fn.lower(state.params, put(eval_batch)).compile()
+
+
 def _eval_sums(eval_fn, params, batches, mesh, extra=()) -> dict:
     total = None
     for b in batches:
@@ -556,15 +599,24 @@ def run(config, workdir: str) -> dict:
         cdata = causal.load_data(config)
         tokenizer, labels = cdata.tokenizer, []
         num_train, num_eval = cdata.num_train, cdata.num_eval
-        model = causal.load_model(config, cdata)
+        load_model = functools.partial(causal.load_model, config, cdata)
+        cfg = causal.preset_model_config(config, cdata)
     else:
         tokenizer = experiment.load_tokenizer(config)
         ds = experiment.load_classification_data(config, tokenizer, 1 << 30)
         labels = list(ds.label_names)
         num_train, num_eval = len(ds.train), len(ds.eval) if ds.eval is not None else 0
-        model = experiment.load_model(config, num_labels=len(labels))
+        load_model = functools.partial(experiment.load_model, config, num_labels=len(labels))
+        cfg = experiment.preset_model_config(config, num_labels=len(labels))
     has_eval = num_eval > 0
-    cfg = model.cfg
+    # A preset's config is known before its parameters exist: they are initialized in a thread
+    # while this one compiles the train and eval steps (_precompile). Both are mostly XLA
+    # compilation, which runs outside the GIL: for the Shakespeare model the init's ~3.5 s
+    # (XLA:CPU spends ~0.13 s on each random-number fusion) beside the step's ~3.9 s.
+    # A checkpoint's config comes with its weights: loaded here first.
+    loading = _Background(load_model) if cfg is not None and not cfg.lora_rank else None
+    model = None if loading else load_model()
+    cfg = model.cfg if model else cfg
     if config.data.max_len > cfg.max_len:
         raise experiment.ConfigError(
             f"config.data.max_len={config.data.max_len} exceeds the model's position limit "
@@ -587,6 +639,27 @@ def run(config, workdir: str) -> dict:
     metric = "eval/" + (t.early_stop_metric or task.default_metric).removeprefix("eval/")
     higher = metric.removeprefix("eval/") in HIGHER_IS_BETTER
 
+    rng = jax.random.PRNGKey(int(t.seed))
+    buckets = experiment.buckets(config)
+    group = int(config.data.group_batches)
+
+    if task.name == "causal_lm":
+
+        def train_batch(step):
+            return cdata.train_batch(batch_size, int(t.seed), step)
+
+        def eval_batches():
+            return cdata.eval_batches(eval_bs)
+    else:
+
+        def train_batch(step):
+            return lmdata.classification_train_batch(
+                ds.train, batch_size, int(t.seed), step, buckets, group_batches=group
+            )
+
+        def eval_batches():
+            return lmdata.classification_eval_batches(ds.eval, eval_bs, buckets)
+
     tx, schedule, abstract, shardings, init, step_fn, eval_fn, frozen_sh = compiled_steps(
         cfg,
         task.name,
@@ -603,11 +676,21 @@ def run(config, workdir: str) -> dict:
         higher_is_better=higher,
         async_save=ckpt_cfg.async_save,
     )
+    dbg = config.debug
+    jax.config.update("jax_debug_nans", bool(dbg.nans))  # before any step is traced
+    start = ckpt.latest_step()
+    if loading is not None:
+        try:
+            first_eval = next(iter(eval_batches()), None) if has_eval else None
+            batches = (train_batch(start or 0), first_eval)
+            init_fn = init if start is None else None
+            _precompile(init_fn, step_fn, eval_fn, abstract, shardings, mesh, rules, rng, *batches)
+        finally:
+            model = loading.result()
     params, extra = model.params, ()
     if cfg.lora_rank:  # train and checkpoint the adapters; the base comes from model.name
         params, frozen = lora.adapters_and_base(params)
         extra = (jax.device_put(frozen, frozen_sh),)
-    start = ckpt.latest_step()
     if start is not None:
         state, meta = ckpt.restore(start, abstract_with_shardings(abstract, shardings))
         print(f"Resuming {workdir} from step {start}", file=sys.stderr)
@@ -634,26 +717,6 @@ def run(config, workdir: str) -> dict:
         tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
 
     writer = MetricWriter(workdir, resume_step=start) if primary else _NullWriter()
-    rng = jax.random.PRNGKey(int(t.seed))
-    buckets = experiment.buckets(config)
-    group = int(config.data.group_batches)
-
-    if task.name == "causal_lm":
-
-        def train_batch(step):
-            return cdata.train_batch(batch_size, int(t.seed), step)
-
-        def eval_batches():
-            return cdata.eval_batches(eval_bs)
-    else:
-
-        def train_batch(step):
-            return lmdata.classification_train_batch(
-                ds.train, batch_size, int(t.seed), step, buckets, group_batches=group
-            )
-
-        def eval_batches():
-            return lmdata.classification_eval_batches(ds.eval, eval_bs, buckets)
 
     best, best_step = meta.get("best"), meta.get("best_step")
     bad_evals = int(meta.get("bad_evals", 0))
@@ -680,8 +743,6 @@ def run(config, workdir: str) -> dict:
     step = start
     stopped = "finished"
     watch = _PreemptionWatch(ckpt, jax.process_count() > 1)
-    dbg = config.debug
-    jax.config.update("jax_debug_nans", bool(dbg.nans))
     profile = _Profile(
         os.path.join(workdir, "profile"), int(dbg.profile_start), int(dbg.profile_steps)
     )

@@ -111,6 +111,28 @@ def char_run(tmp_path_factory):
     return wd, summary
 
 
+def test_preset_steps_compile_once_beside_the_init(tmp_path, caplog):
+    """A preset's train and eval steps are compiled while its parameters initialize (lm.train
+    _precompile); the loop's calls reuse those executables: one compilation each. The result
+    is the sequential run's (same init, same batches)."""
+    caplog.set_level("WARNING", logger="jax._src.dispatch")
+    with jax.log_compiles(True):
+        summary = run(char_config(3, optim__lr=2e-3), str(tmp_path / "a"))
+    compiled = [r.getMessage() for r in caplog.records if "XLA compilation of" in r.getMessage()]
+    assert sum("jit(train_step)" in m for m in compiled) == 1, compiled
+    assert sum("jit(eval_step)" in m for m in compiled) == 1, compiled
+    assert sum("jit(create_state)" in m for m in compiled) == 1, compiled
+    from lm import train as lmtrain
+
+    orig = lmtrain._precompile
+    try:
+        lmtrain._precompile = lambda *a: None  # the loop compiles on first use instead
+        plain = run(char_config(3, optim__lr=2e-3), str(tmp_path / "b"))
+    finally:
+        lmtrain._precompile = orig
+    assert summary["eval"]["eval/loss"] == plain["eval"]["eval/loss"]
+
+
 def test_char_resume_equals_uninterrupted(char_run, tmp_path, monkeypatch):
     from lm import data as lmdata
 
