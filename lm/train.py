@@ -687,6 +687,8 @@ def run(config, workdir: str) -> dict:
             _precompile(init_fn, step_fn, eval_fn, abstract, shardings, mesh, rules, rng, *batches)
         finally:
             model = loading.result()
+        if model.cfg != cfg:  # what was compiled must be what was loaded
+            raise RuntimeError(f"the preset loaded as {model.cfg}, not {cfg}")
     params, extra = model.params, ()
     if cfg.lora_rank:  # train and checkpoint the adapters; the base comes from model.name
         params, frozen = lora.adapters_and_base(params)
