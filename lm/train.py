@@ -943,7 +943,9 @@ def _finite_or_raise(prev, ckpt) -> dict:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
+    # Every process of a multi-process run writes the same file: each through a temporary of
+    # its own (a shared one was moved away under another process's os.replace).
+    tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
     os.replace(tmp, path)
