@@ -23,6 +23,7 @@ Batches (numpy dicts, from lm.data):
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -505,29 +506,6 @@ def compiled_steps(
     return tx, schedule, abstract, shardings, init, step_fn, eval_fn, frozen_sh
 
 
-class _Background:
-    """``fn()`` on a thread of its own; ``result()`` waits for it and returns its value or
-    raises its exception."""
-
-    def __init__(self, fn: Callable[[], Any]):
-        self._out: list = []
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn):
-        try:
-            self._out.append((True, fn()))
-        except BaseException as e:  # noqa: BLE001 (re-raised by result())
-            self._out.append((False, e))
-
-    def result(self):
-        self._thread.join()
-        ok, value = self._out[0]
-        if not ok:
-            raise value
-        return value
-
-
 def _precompile(init, step_fn, eval_fn, abstract, shardings, mesh, rules, rng, batch, eval_batch):
     """Compile ``init`` (None: skip), the train step and the eval step for the shapes of the
     first batches, as the loop calls them (same shardings and context: the jitted functions
@@ -614,7 +592,11 @@ def run(config, workdir: str) -> dict:
     # compilation, which runs outside the GIL: for the Shakespeare model the init's ~3.5 s
     # (XLA:CPU spends ~0.13 s on each random-number fusion) beside the step's ~3.9 s.
     # A checkpoint's config comes with its weights: loaded here first.
-    loading = _Background(load_model) if cfg is not None and not cfg.lora_rank else None
+    loading = None
+    if cfg is not None and not cfg.lora_rank:
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lm-init")
+        loading = pool.submit(load_model)
+        pool.shutdown(wait=False)  # its one task still runs; the thread ends with it
     model = None if loading else load_model()
     cfg = model.cfg if model else cfg
     if config.data.max_len > cfg.max_len:
