@@ -419,7 +419,7 @@ Lines first_block(const T* w, int64_t N, int64_t k0, int64_t k1, int64_t j0, int
 // `after` (the block the thread runs next, when known).
 template <typename T>
 void nn_stream(const float* x, const T* w, float* out, int64_t M, int64_t K, int64_t N,
-               int64_t k0, int64_t k1, int64_t j0, int64_t j1, Lines after = Lines{}) {
+               int64_t k0, int64_t k1, int64_t j0, int64_t j1, Lines after) {
   float* pk = scratch(kStreamRows * kStreamCols, 2);
   for (int64_t jb = j0; jb < j1; jb += kStreamCols) {
     const int64_t je = std::min(j1, jb + kStreamCols), panels = (je - jb + kTileCols - 1) / kTileCols;
@@ -466,6 +466,10 @@ void nn_block(const float* x, const T* w, float* out, int64_t M, int64_t K, int6
   for (; k + 8 <= k1; k += 8) nn_rows<T, 8>(x, w, out, M, K, N, k, j0, j1);
   for (; k < k1; ++k) nn_rows<T, 1>(x, w, out, M, K, N, k, j0, j1);
 }
+
+// A wide W (an LM head, more than 4096 columns) is cut by columns, each chunk written straight
+// into out; others by rows into partial sums (when accumulating, every W: the sums go onto out).
+inline bool by_columns(int64_t N, bool accumulate) { return N > 4096 && !accumulate; }
 
 // One weight of an nn call and how its work is cut into chunks.
 struct NnPlan {
@@ -541,7 +545,7 @@ void nn_many_stream(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
                     std::vector<NnPlan>& plans, bool accumulate) {
   int64_t buffered = 0;
   for (NnPlan& p : plans) {
-    p.by_columns = p.N > 4096 && !accumulate;
+    p.by_columns = by_columns(p.N, accumulate);
     p.partial = nullptr;
     p.chunks = p.by_columns ? (p.N + kStreamHeadCols - 1) / kStreamHeadCols
                             : (K + kStreamChunk - 1) / kStreamChunk;
@@ -607,7 +611,7 @@ void nn_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   const int64_t threads = pool.num_threads() + 1;
   int64_t buffered = 0;
   for (NnPlan& p : plans) {
-    p.by_columns = p.N > 4096 && !accumulate;
+    p.by_columns = by_columns(p.N, accumulate);
     if (p.by_columns) {
       const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(2 * threads, p.N / 2048));
       p.step = ((p.N + chunks - 1) / chunks + 15) / 16 * 16;
