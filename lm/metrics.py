@@ -53,6 +53,16 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return rows
 
 
+def write_json(path: str, obj: Any, **dump_kwargs) -> None:
+    """Writes ``json.dump(obj, **dump_kwargs)`` to path atomically: readers see the old file or
+    the whole new one. Every process of a multi-process run writes the same config.json: each
+    through a temporary of its own (a shared one was moved away under another's os.replace)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, **dump_kwargs)
+    os.replace(tmp, path)
+
+
 def _summary_writer():
     """tensorboardX's SummaryWriter class, imported without PyTorch.
 

@@ -32,6 +32,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from lm.metrics import write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -216,10 +218,7 @@ def read_status(workdir: str) -> dict[str, Any]:
 
 def _write_status(workdir: str, status: dict[str, Any]) -> None:
     os.makedirs(workdir, exist_ok=True)
-    tmp = _status_path(workdir) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(status, f)
-    os.replace(tmp, _status_path(workdir))
+    write_json(_status_path(workdir), status)
 
 
 def run_sweep(

@@ -49,7 +49,7 @@ from jax.sharding import Mesh
 
 from lm import lora, memory, sharding
 from lm.config import ModelConfig
-from lm.metrics import confusion_scores
+from lm.metrics import confusion_scores, write_json
 from lm.model import Transformer
 
 Array = jax.Array
@@ -925,9 +925,4 @@ def _finite_or_raise(prev, ckpt) -> dict:
 
 
 def _write_json(path: str, obj) -> None:
-    # Every process of a multi-process run writes the same file: each through a temporary of
-    # its own (a shared one was moved away under another process's os.replace).
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    write_json(path, obj, indent=2, sort_keys=True, default=str)
