@@ -1,7 +1,10 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported), one persistent compilation
-cache for the session, and the repo root on sys.path."""
+"""Test setup: 8 fake CPU devices (set before jax is imported), one temporary folder and one
+persistent compilation cache for the session, the repo root on sys.path, and the transformers
+reference SmolLM2 read once per session."""
 
 import atexit
+import contextlib
+import fcntl
 import os
 import shutil
 import sys
@@ -14,16 +17,63 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# One temporary folder per test session, shared by the pytest-xdist workers and the scripts that
+# tests launch (they inherit the variable); removed at the end by the process that made it.
+if "LM_TESTS_TMP" not in os.environ:
+    os.environ["LM_TESTS_TMP"] = tempfile.mkdtemp(prefix="lm-tests-")
+    atexit.register(shutil.rmtree, os.environ["LM_TESTS_TMP"], ignore_errors=True)
+SESSION_TMP = os.environ["LM_TESTS_TMP"]
+
 # Why: many tests compile the same programs again (the tiny presets' train and eval steps, in
 # this process and in every script a test launches: the kill -9 test relaunches its run five
 # times). jax's persistent cache keys an executable by its program, devices and flags, so a
-# hit returns what the compiler would have built. It lives in a temporary folder of this
-# session (set before jax is imported; launched scripts and xdist workers inherit it) and is
-# removed at the end by the process that made it.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _cache = tempfile.mkdtemp(prefix="lm-tests-jax-cache-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+# hit returns what the compiler would have built. Set before jax is imported.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(SESSION_TMP, "jax-cache"))
+
+
+@contextlib.contextmanager
+def session_lock(name: str):
+    """An exclusive lock across this session's processes (pytest-xdist workers)."""
+    with open(os.path.join(SESSION_TMP, f"{name}.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def transformers_smollm2():
+    """transformers' own float32 SmolLM2-135M-Instruct from the GGUF file (its GGUF reader: a
+    dequantization and Q/K un-permutation independent of lm's), the reference of the parity
+    tests. Reading the GGUF file takes transformers ~25 s (it parses the header twice), so the
+    first caller of the session saves the weights it read as safetensors and later callers,
+    in any worker, load those (~0.1 s; the same tensors, bit for bit)."""
+    import json
+
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    import lm
+
+    out = os.path.join(SESSION_TMP, "transformers-smollm2")
+    with session_lock("transformers-smollm2"):
+        if not os.path.exists(os.path.join(out, "config.json")):
+            d, f = os.path.split(lm.resolve("smollm2-135m-instruct"))
+            hf = transformers.AutoModelForCausalLM.from_pretrained(
+                d, gguf_file=f, dtype=torch.float32
+            )
+            tied = hf.config.tie_word_embeddings  # the head is the embedding: saved once
+            sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+            os.makedirs(out, exist_ok=True)
+            save_file({k: v for k, v in sd.items() if not (tied and k == "lm_head.weight")},
+                      os.path.join(out, "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+            config = hf.config.to_dict()
+            config.pop("quantization_config", None)  # the saved weights are plain float32
+            with open(os.path.join(out, "config.json.tmp"), "w") as fh:
+                json.dump(config, fh)
+            os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
+    return transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
 
 
 def one_device_env() -> dict:

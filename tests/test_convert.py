@@ -66,11 +66,9 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def smollm2_torch(smollm2):
-    # transformers' own GGUF reader: an independent dequantization and Q/K un-permutation.
-    d, f = os.path.split(smollm2.path)
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        d, gguf_file=f, dtype=torch.float32
-    ).eval()
+    from conftest import transformers_smollm2
+
+    return transformers_smollm2()
 
 
 def test_smollm2_gguf_logits_match_transformers(smollm2, smollm2_torch):
@@ -425,6 +423,56 @@ def test_garbage_safetensors(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 100)
     with pytest.raises(CheckpointError, match="model.safetensors: unreadable safetensors file"):
         lm.load(str(tmp_path), tokenizer=False)
+
+
+def _same_as_gguf_reader(path, nested=()):
+    """lm's GGUF header parser reads what the ``gguf`` package's reader reads (which flattens
+    arrays of arrays: ``nested`` keys are compared flattened)."""
+    import gguf
+
+    from lm.convert.gguf_reader import GGUFFile
+
+    ours, ref = GGUFFile(str(path)), gguf.GGUFReader(str(path))
+    keys = [k for k in ref.fields if not k.startswith("GGUF.")]
+    assert list(ours.fields) == keys
+    for k in keys:
+        got, want = ours.fields[k], ref.fields[k].contents()
+        got = [x for row in got for x in row] if k in nested else got
+        assert got == want and type(got) is type(want), k
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert (a.shape, a.tensor_type, a.data_offset, a.n_bytes) == (
+            tuple(b.shape.tolist()), b.tensor_type, b.data_offset, b.n_bytes
+        )  # fmt: skip
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data), a.name
+    return ours
+
+
+def test_gguf_header_parser_equals_the_gguf_package(tmp_path):
+    import gguf
+
+    ours = _same_as_gguf_reader(lm.resolve("smollm2-135m-instruct"))
+    assert len(ours.fields["tokenizer.ggml.tokens"]) == 49152 and len(ours.tensors) == 272
+
+    # Every value type, nested arrays, a custom alignment, float and quantized tensors.
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    w.add_custom_alignment(64)
+    w.add_uint8("u8", 7), w.add_int8("i8", -7), w.add_uint16("u16", 700)
+    w.add_int16("i16", -700), w.add_uint32("u32", 70000), w.add_int32("i32", -70000)
+    w.add_uint64("u64", 2**40), w.add_int64("i64", -(2**40)), w.add_float32("f32", 0.25)
+    w.add_float64("f64", 1e-300), w.add_bool("b", True), w.add_string("s", "héllo")
+    w.add_array("ints", [1, 2, 3]), w.add_array("floats", [0.5, 1.5])
+    w.add_array("strs", ["a", "", "ü"]), w.add_array("nested", [[1, 2], [3]])
+    rng = np.random.default_rng(0)
+    w.add_tensor("f32", rng.standard_normal((3, 5)).astype(np.float32))
+    w.add_tensor("f16", rng.standard_normal((2, 4)).astype(np.float16))
+    q = gguf.quantize(
+        rng.standard_normal((2, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0
+    )
+    w.add_tensor("q8", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    ours = _same_as_gguf_reader(tmp_path / "t.gguf", nested={"nested"})
+    assert ours.fields["nested"] == [[1, 2], [3]] and ours.fields["s"] == "héllo"
 
 
 def test_truncated_and_garbage_gguf(tmp_path):

@@ -71,12 +71,12 @@ def test_chat_prompt_uses_template(smol, prompts):
 @pytest.mark.slow
 def test_greedy_equals_transformers(smol, prompts, ours):
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from conftest import transformers_smollm2
+
     m = smol[0]
     torch.set_num_threads(2)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(m.path), gguf_file=os.path.basename(m.path), dtype=torch.float32
-    )
+    hf = transformers_smollm2()
     long = 0
     for p, g in zip(prompts, ours):
         with torch.no_grad():

@@ -1,6 +1,7 @@
 """GGUF (llama.cpp) files -> HF-named float tensors and an HF config dict, without torch.
 
-Tensors are dequantized with the ``gguf`` package. llama.cpp's converter permutes the rows of
+The header is parsed by ``lm.convert.gguf_reader``; tensors are dequantized with the ``gguf``
+package. llama.cpp's converter permutes the rows of
 the Q and K projections so that its RoPE kernel can rotate adjacent pairs; HF (and lm) rotate
 halves, so the permutation is undone here (see llama.cpp ``convert_hf_to_gguf.py``,
 ``LlamaModel.permute``).
@@ -14,14 +15,14 @@ import re
 
 import numpy as np
 
+from lm.convert.gguf_reader import GGUFFile, GGUFFormatError
 from lm.convert.hf import CheckpointError
 
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
 
 
-def _reader(path: str):
-    """A (cached) ``gguf.GGUFReader``: parsing the 49k-token vocabulary takes seconds, and both
-    the weights and the tokenizer need it."""
+def _reader(path: str) -> GGUFFile:
+    """A (cached) parsed GGUF file: both the weights and the tokenizer need its metadata."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: GGUF file not found")
     st = os.stat(path)
@@ -29,21 +30,19 @@ def _reader(path: str):
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_reader(path: str, mtime_ns: int, size: int):
-    import gguf
-
+def _cached_reader(path: str, mtime_ns: int, size: int) -> GGUFFile:
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - the reader raises ValueError, struct.error, IndexError
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+        return GGUFFile(path)
+    except GGUFFormatError as e:
+        if str(e).startswith("truncated"):
+            raise CheckpointError(f"{path}: {e}") from e
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
+    except ValueError as e:  # numpy cannot map an empty file
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
 
 
-def field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    v = f.contents()
-    return v
+def field(reader: GGUFFile, key: str, default=None):
+    return reader.fields.get(key, default)
 
 
 def hf_config(reader, path: str) -> dict:
@@ -165,10 +164,11 @@ class GGUFTensors:
 
         t = self._tensors[name]
         try:
-            if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            kind = GGMLQuantizationType(t.tensor_type)
+            if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
                 w = np.asarray(t.data, dtype=np.float32)
             else:
-                w = dequantize(t.data, t.tensor_type)
+                w = dequantize(t.data, kind)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{self.path}: cannot read tensor {t.name} ({e})") from e
         w = np.asarray(w, dtype=np.float32).reshape(self.shape(name))
@@ -193,11 +193,6 @@ def load_gguf(
         cfg = cfg.replace(num_labels=num_labels)
     if dtype:
         cfg = cfg.replace(param_dtype=dtype)
-    # Truncated files: the reader maps the file lazily, so check every tensor's extent now.
-    size = os.path.getsize(path)
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise CheckpointError(f"{path}: truncated GGUF file (tensor {t.name} ends past EOF)")
     params, missing_head = build_params(cfg, GGUFTensors(reader, path, hf), path)
     extras["missing_head"] = missing_head
     extras["hf_config"] = hf
