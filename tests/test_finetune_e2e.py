@@ -34,15 +34,15 @@ def test_finetune_predict_evaluate_export(tmp_path):
         "finetune.py",
         f"--config={cfg}",
         f"--workdir={wd}",
-        "--config.train.num_steps=10",
-        "--config.train.eval_every=5",
-        "--config.checkpoint.every_steps=5",
+        "--config.train.num_steps=4",
+        "--config.train.eval_every=2",
+        "--config.checkpoint.every_steps=2",
         f"--config.data.cache_dir={tmp_path / 'cache'}",
     )
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["step"] == 10 and summary["stopped"] == "finished"
+    assert summary["step"] == 4 and summary["stopped"] == "finished"
     rows = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
-    assert [r["step"] for r in rows if "eval/accuracy" in r] == [5, 10]
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [2, 4]
     assert os.path.exists(os.path.join(wd, "curves.png"))
 
     texts = ["a gorgeous , witty , seductive movie .", "the plot is dull and the acting worse ."]
