@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.truncate = False  # cut over-long prompts from the left instead of failing
     c.batch_size = 8  # prompts per compiled batch
     # XLA's persistent compilation cache: a second run with the same shapes skips compiling.
-    c.compilation_cache = "~/.cache/lm/xla"  # empty: off
+    c.compilation_cache = "~/.cache/lm/xla"  # jax's persistent cache (lm.xla_cache); "": off
 
     if arg == "smoke":
         c.max_new_tokens = 16

@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "classification"
     c.overwrite = False  # True: a workdir holding a different run is wiped and started afresh
+    c.compilation_cache = "~/.cache/lm/xla"  # jax's persistent cache (lm.xla_cache); "": off
 
     c.model = ml_collections.ConfigDict()
     for name, t in MODEL_FIELDS.items():
@@ -407,6 +408,7 @@ def is_preset(name: str) -> bool:
 # other logging); everything else must match the run already there.
 MUTABLE = (
     "overwrite",
+    "compilation_cache",
     "train.num_steps",
     "train.num_epochs",
     "train.log_every",

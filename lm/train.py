@@ -47,7 +47,7 @@ import optax
 import tqdm
 from jax.sharding import Mesh
 
-from lm import lora, memory, sharding
+from lm import lora, memory, sharding, xla_cache
 from lm.config import ModelConfig
 from lm.metrics import confusion_scores, write_json
 from lm.model import Transformer
@@ -558,6 +558,8 @@ def run(config, workdir: str) -> dict:
     from lm.metrics import MetricWriter
 
     experiment.validate(config)
+    # A relaunch of this run (resume, preemption) loads its compiled steps from disk.
+    xla_cache.use(config.get("compilation_cache"))
     memory.keep_freed_memory()  # each step's buffers reused, not faulted in again (lm.memory)
     # Multi-process runs meet here (config.distributed, LM_* variables, SLURM/TPU detection),
     # before anything touches a device; a no-op on one process.

@@ -40,15 +40,12 @@ def prompts_of(config) -> list[str] | None:
 
 
 def run(config, out=sys.stdout, stdin=sys.stdin, pretrained=None) -> list[dict]:
+    from lm import xla_cache
     from lm.chat import TextDecoder, settings_from_config
 
     settings_from_config(config)  # bad settings fail before the model loads
     prompts = prompts_of(config)
-    if config.get("compilation_cache"):
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    xla_cache.use(config.get("compilation_cache"))
     t0 = time.perf_counter()
     dec = TextDecoder.from_config(config, pretrained)
     print(f"[loaded {config.model} in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
