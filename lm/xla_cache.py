@@ -21,7 +21,7 @@ DEFAULT = "~/.cache/lm/xla"
 
 def use(path: str | None) -> str | None:
     """Store and look up compiled programs in ``path`` from now on (unless the environment
-    already chose a folder). Call it before the first compilation. Returns the folder in use,
+    already chose a folder), also after earlier compilations. Returns the folder in use,
     or None when the cache is off."""
     env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if env:

@@ -9,12 +9,13 @@ from lm.experiment import MUTABLE, base_config, config_differences, config_to_di
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A fresh process (jax reads the cache settings once): lm.xla_cache.use, then one compilation.
+# A fresh process: a compilation, lm.xla_cache.use, then the compilation that must be stored.
 PROBE = """
 import sys
+import jax, jax.numpy as jnp
+jax.jit(lambda a: a + 1)(jnp.ones(2))  # a compilation before the cache is set is no obstacle
 from lm import xla_cache
 print(xla_cache.use(sys.argv[1]))
-import jax, jax.numpy as jnp
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # store even this one
 print(float(jax.jit(lambda a: (a * 2).sum())(jnp.ones(3))))
 """
