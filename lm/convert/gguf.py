@@ -1,10 +1,9 @@
 """GGUF (llama.cpp) files -> HF-named float tensors and an HF config dict, without torch.
 
 The header is parsed by ``lm.convert.gguf_reader``; tensors are dequantized with the ``gguf``
-package. llama.cpp's converter permutes the rows of
-the Q and K projections so that its RoPE kernel can rotate adjacent pairs; HF (and lm) rotate
-halves, so the permutation is undone here (see llama.cpp ``convert_hf_to_gguf.py``,
-``LlamaModel.permute``).
+package. llama.cpp's converter permutes the rows of the Q and K projections so that its RoPE
+kernel can rotate adjacent pairs; HF (and lm) rotate halves, so the permutation is undone here
+(see llama.cpp ``convert_hf_to_gguf.py``, ``LlamaModel.permute``).
 """
 
 from __future__ import annotations
