@@ -76,7 +76,15 @@ def transformers_smollm2():
     return transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
 
 
+TORCHLESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchless")
+
+
 def one_device_env() -> dict:
-    """This process's environment without XLA_FLAGS: a script run in a subprocess sees one CPU
-    device (the 8 fake ones above make every launch compile and step slower on 2 cores)."""
-    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    """The environment of a script that a test launches: this process's without XLA_FLAGS, so
+    the script sees one CPU device (the 8 fake ones above make every launch compile and step
+    slower on 2 cores), and without torch (``torchless/sitecustomize.py``: lm's scripts must
+    not need it; MiniLM's 4-step smoke run took 26.0-30.7 s of wall and 30-35 s of CPU against
+    33.2-39.5 s and 38-47 s with transformers importing torch)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (TORCHLESS, env.get("PYTHONPATH")) if p)
+    return env

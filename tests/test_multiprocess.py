@@ -106,7 +106,9 @@ def test_two_processes_match_one_process(setup):
         f"--workdir={work}",
         *flags(overrides),
     ]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    from conftest import one_device_env  # its launch flags give each process 4 devices
+
+    env = {k: v for k, v in one_device_env().items() if k != "JAX_PLATFORMS"}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
