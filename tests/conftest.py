@@ -48,13 +48,12 @@ def transformers_smollm2():
     tests. Reading the GGUF file takes transformers ~25 s (it parses the header twice), so the
     first caller of the session saves the weights it read as safetensors and later callers,
     in any worker, load those (~0.1 s; the same tensors, bit for bit)."""
-    import json
-
     import torch
     import transformers
     from safetensors.torch import save_file
 
     import lm
+    from lm.metrics import write_json
 
     out = os.path.join(SESSION_TMP, "transformers-smollm2")
     with session_lock("transformers-smollm2"):
@@ -70,9 +69,7 @@ def transformers_smollm2():
                       os.path.join(out, "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
             config = hf.config.to_dict()
             config.pop("quantization_config", None)  # the saved weights are plain float32
-            with open(os.path.join(out, "config.json.tmp"), "w") as fh:
-                json.dump(config, fh)
-            os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
+            write_json(os.path.join(out, "config.json"), config)
     return transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
 
 
