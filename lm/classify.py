@@ -76,9 +76,10 @@ def restore_params(workdir: str, cfg: ModelConfig, config, step: int | None):
     """Parameters of checkpoint ``step`` (default: the best) on the default device."""
     from lm.checkpoint import Checkpointer
     from lm.model import param_shapes
+    from lm.train import early_stop_metric
 
     ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=10**6, best_metric=_metric(config)
+        os.path.join(workdir, "checkpoints"), keep=10**6, best_metric=early_stop_metric(config)
     )
     try:
         step = ckpt.best_step() if step is None else step
@@ -95,13 +96,6 @@ def restore_params(workdir: str, cfg: ModelConfig, config, step: int | None):
         return ckpt.restore_params(step, abstract)
     finally:
         ckpt.close()
-
-
-def _metric(config) -> str:
-    from lm.train import get_task
-
-    m = config.train.early_stop_metric or get_task(config.task).default_metric
-    return "eval/" + m.removeprefix("eval/")
 
 
 @dataclasses.dataclass

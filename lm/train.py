@@ -175,6 +175,13 @@ TASKS: dict[str, Task] = {
 HIGHER_IS_BETTER = {"accuracy", "f1"}
 
 
+def early_stop_metric(config) -> str:
+    """The eval metric that early stopping, the best checkpoint and sweep tables follow:
+    ``config.train.early_stop_metric``, or the task's default ("eval/accuracy", "eval/loss")."""
+    m = config.train.early_stop_metric or get_task(config.task).default_metric
+    return "eval/" + m.removeprefix("eval/")
+
+
 def get_task(name: str) -> Task:
     if name not in TASKS:
         raise ValueError(f"task={name!r} is not one of {sorted(TASKS)}")
@@ -620,7 +627,7 @@ def run(config, workdir: str) -> dict:
             f"(data x fsdp devices {sharding.batch_divisor(mesh)} x grad_accum {o.grad_accum})"
         )
     eval_bs = _round_up(int(t.eval_batch_size) or 2 * batch_size, sharding.batch_divisor(mesh))
-    metric = "eval/" + (t.early_stop_metric or task.default_metric).removeprefix("eval/")
+    metric = early_stop_metric(config)
     higher = metric.removeprefix("eval/") in HIGHER_IS_BETTER
 
     rng = jax.random.PRNGKey(int(t.seed))

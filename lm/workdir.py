@@ -39,9 +39,10 @@ def load_workdir(path: str, step: int | None = None, dtype: str | None = None):
     from lm import lora
     from lm.causal import load_tokenizer
     from lm.checkpoint import Checkpointer
-    from lm.classify import WorkdirNotReady, _metric, model_config_from_dict, read_run
+    from lm.classify import WorkdirNotReady, model_config_from_dict, read_run
     from lm.model import param_shapes
     from lm.pretrained import Pretrained
+    from lm.train import early_stop_metric
 
     try:
         config, info = read_run(path)
@@ -58,7 +59,9 @@ def load_workdir(path: str, step: int | None = None, dtype: str | None = None):
         shapes = lora.adapters_and_base(shapes)[0]
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), shapes)
-    ckpt = Checkpointer(os.path.join(path, "checkpoints"), keep=10**6, best_metric=_metric(config))
+    ckpt = Checkpointer(
+        os.path.join(path, "checkpoints"), keep=10**6, best_metric=early_stop_metric(config)
+    )
     try:
         step = ckpt.best_step() if step is None else step
         if step is None or step not in ckpt.all_steps():

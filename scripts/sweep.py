@@ -35,13 +35,16 @@ def main() -> int:
         help="print one command per run (for a cluster scheduler) and exit",
     )
     ap.add_argument(
-        "--metric", default="eval/accuracy", help="metric for the results table and plot"
+        "--metric",
+        default=None,
+        help="metric for the results table and plot (default: the config's train.early_stop_metric)",
     )
     ap.add_argument("--seed", type=int, default=0, help="seed of random choices in the sweep")
     args = ap.parse_args()
     try:
         runs = sweep.load_sweep(args.config, args.sweep, args.seed)
-        sweep.validate(sweep.load_config(args.config), runs, args.config)
+        config = sweep.load_config(args.config)
+        sweep.validate(config, runs, args.config)
     except sweep.SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -50,6 +53,10 @@ def main() -> int:
             wd = os.path.join(args.workdir, sweep.run_name(i, r))
             print(shlex.join(sweep.command(args.config, wd, r)))
         return 0
+    if args.metric is None:
+        from lm.train import early_stop_metric  # jax and the model code: only for a real sweep
+
+        args.metric = early_stop_metric(config)
     rows = sweep.run_sweep(args.config, runs, args.workdir, args.parallel, args.metric)
     failed = [r["run"] for r in rows if r["status"] != "done"]
     print(
