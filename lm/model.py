@@ -292,16 +292,22 @@ def init_params(cfg: ModelConfig, rng: Array | int = 0) -> dict:
     return nn.unbox(jax.jit(init_boxed, static_argnums=0)(cfg, rng))
 
 
+@functools.lru_cache(maxsize=32)
+def _abstract_boxed(cfg: ModelConfig):
+    """``jax.eval_shape`` of the init, once per config: tracing the model takes 0.5-1.2 s, and
+    loading, sharding and the train state each asked for it (3-4 traces a launch). Callers get
+    new containers (``nn.unbox``, ``nn.get_partition_spec``); the leaves are immutable."""
+    return jax.eval_shape(functools.partial(init_boxed, cfg), jax.random.PRNGKey(0))
+
+
 def param_shapes(cfg: ModelConfig) -> dict:
     """ShapeDtypeStructs of the parameters, computed without allocating memory."""
-    return nn.unbox(jax.eval_shape(functools.partial(init_boxed, cfg), jax.random.PRNGKey(0)))
+    return nn.unbox(_abstract_boxed(cfg))
 
 
 def logical_axes(cfg: ModelConfig) -> dict:
     """PartitionSpecs of logical axis names, one per parameter (same tree as the params)."""
-    return nn.get_partition_spec(
-        jax.eval_shape(functools.partial(init_boxed, cfg), jax.random.PRNGKey(0))
-    )
+    return nn.get_partition_spec(_abstract_boxed(cfg))
 
 
 def count_params(cfg: ModelConfig) -> int:
