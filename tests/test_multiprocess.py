@@ -106,9 +106,12 @@ def test_two_processes_match_one_process(setup):
         f"--workdir={work}",
         *flags(overrides),
     ]
-    from conftest import one_device_env  # its launch flags give each process 4 devices
+    from conftest import one_device_env
 
+    # This process's compiler flags (conftest's optimization level: the reference run above
+    # compiled with them); launch_local replaces the device count with 4 per process.
     env = {k: v for k, v in one_device_env().items() if k != "JAX_PLATFORMS"}
+    env["XLA_FLAGS"] = os.environ["XLA_FLAGS"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
