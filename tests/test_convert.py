@@ -480,9 +480,8 @@ def test_truncated_and_garbage_gguf(tmp_path):
     data = open(src, "rb").read()
     short = tmp_path / "short.gguf"
     short.write_bytes(data[: len(data) // 2])
-    with pytest.raises(
-        CheckpointError, match=r"short.gguf: (truncated GGUF file|not a readable GGUF)"
-    ):
+    # The header (and its 98k tokenizer strings) is whole; the second half of the tensors is not.
+    with pytest.raises(CheckpointError, match=r"short.gguf: truncated GGUF file \(tensor \S+ ends"):
         lm.load(str(short), tokenizer=False)
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\xff" * 64)

@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from lm.convert.gguf_reader import GGUFFile, GGUFFormatError
+from lm.convert.gguf_reader import GGUFFile, GGUFFormatError, GGUFTruncatedError
 from lm.convert.hf import CheckpointError
 
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
@@ -32,9 +32,9 @@ def _reader(path: str) -> GGUFFile:
 def _cached_reader(path: str, mtime_ns: int, size: int) -> GGUFFile:
     try:
         return GGUFFile(path)
+    except GGUFTruncatedError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     except GGUFFormatError as e:
-        if str(e).startswith("truncated"):
-            raise CheckpointError(f"{path}: {e}") from e
         raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
     except ValueError as e:  # numpy cannot map an empty file
         raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e

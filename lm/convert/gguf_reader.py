@@ -42,6 +42,10 @@ class GGUFFormatError(ValueError):
     """The bytes are not a GGUF file this reader understands (the message says where)."""
 
 
+class GGUFTruncatedError(GGUFFormatError):
+    """A well-formed header whose tensor data runs past the end of the file (a cut download)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Tensor:
     name: str
@@ -151,5 +155,5 @@ class GGUFFile:
                 raise GGUFFormatError(f"tensor {name}: unknown type {kind}") from None
             n_bytes = int(np.prod(shape, dtype=np.int64)) * size // block
             if start + offset + n_bytes > len(self._buf):
-                raise GGUFFormatError(f"truncated GGUF file (tensor {name} ends past EOF)")
+                raise GGUFTruncatedError(f"truncated GGUF file (tensor {name} ends past EOF)")
             self.tensors.append(Tensor(name, shape, kind, start + offset, n_bytes, self._file))
