@@ -226,10 +226,15 @@ def run_sweep(
     runs: list[dict[str, Any]],
     root: str,
     parallel: int = 1,
-    metric: str = "eval/accuracy",
+    metric: str | None = None,
     log=print,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) every run; returns the result rows (also written to results.csv/md)."""
+    """Run (or resume) every run; returns the result rows (also written to results.csv/md).
+    ``metric`` (the tables' and plot's) defaults to the config's early-stopping metric."""
+    if metric is None:
+        from lm.train import early_stop_metric  # jax and the model code: only for a real sweep
+
+        metric = early_stop_metric(load_config(config_path))
     os.makedirs(root, exist_ok=True)
     names = [run_name(i, r) for i, r in enumerate(runs)]
     with open(os.path.join(root, "sweep.json"), "w") as f:

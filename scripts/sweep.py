@@ -43,8 +43,7 @@ def main() -> int:
     args = ap.parse_args()
     try:
         runs = sweep.load_sweep(args.config, args.sweep, args.seed)
-        config = sweep.load_config(args.config)
-        sweep.validate(config, runs, args.config)
+        sweep.validate(sweep.load_config(args.config), runs, args.config)
     except sweep.SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -53,10 +52,6 @@ def main() -> int:
             wd = os.path.join(args.workdir, sweep.run_name(i, r))
             print(shlex.join(sweep.command(args.config, wd, r)))
         return 0
-    if args.metric is None:
-        from lm.train import early_stop_metric  # jax and the model code: only for a real sweep
-
-        args.metric = early_stop_metric(config)
     rows = sweep.run_sweep(args.config, runs, args.workdir, args.parallel, args.metric)
     failed = [r["run"] for r in rows if r["status"] != "done"]
     print(
