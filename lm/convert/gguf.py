@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from lm.convert.gguf_reader import GGUFFile, GGUFFormatError, GGUFTruncatedError
+from lm.convert.gguf_reader import GGUFFile, GGUFTruncatedError
 from lm.convert.hf import CheckpointError
 
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
@@ -34,9 +34,7 @@ def _cached_reader(path: str, mtime_ns: int, size: int) -> GGUFFile:
         return GGUFFile(path)
     except GGUFTruncatedError as e:
         raise CheckpointError(f"{path}: {e}") from e
-    except GGUFFormatError as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
-    except ValueError as e:  # numpy cannot map an empty file
+    except ValueError as e:  # GGUFFormatError, or numpy cannot map an empty file
         raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
 
 
