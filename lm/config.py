@@ -88,6 +88,9 @@ class ModelConfig:
     # Few-row products (decoding): "xla" or "native" (lm.native's CPU kernel; no gradient).
     # lm.decode picks "native" by itself where it is available; training leaves "xla".
     matmul_impl: str = "xla"
+    # Decoding with matmul_impl "native": the blocks' Dense kernels and the LM head are in
+    # lm.native.pack's panel layout (lm.decode packs them on AVX2 hosts; see native.packs).
+    packed_weights: bool = False
     remat: str = "none"  # "none" | "full" | "dots": activation rematerialization per block
     scan_layers: bool = False  # nn.scan over layers: params stacked on a leading 'layers' axis
 
@@ -126,6 +129,10 @@ class ModelConfig:
             errors.append(f"param_dtype={self.param_dtype!r} is not float32, bfloat16 or float16")
         if self.matmul_impl not in ("xla", "native"):
             errors.append(f"matmul_impl={self.matmul_impl!r} is not 'xla' or 'native'")
+        if self.packed_weights and self.matmul_impl != "native":
+            errors.append(
+                "packed_weights=True needs matmul_impl='native' (only its kernel reads them)"
+            )
         if self.remat not in ("none", "full", "dots"):
             errors.append(f"remat={self.remat!r} is not none, full or dots")
         if errors:

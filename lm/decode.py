@@ -111,10 +111,12 @@ def prepare(cfg: ModelConfig, params, dtype: str | None = None) -> tuple[ModelCo
 def _lm_head(cfg: ModelConfig, params: dict, h: Array) -> Array:
     """Logits [B, V] float32 of hidden states h [B, D], as the model's own head computes them."""
     dt = dtype_of(cfg.dtype)
-    if "lm_head" in params:  # an untied head, or a tied one's transposed copy (_with_head)
+    if "lm_head" in params:  # an untied head, or a tied one's transposed copy (_for_kernel)
         w, contract = params["lm_head"]["kernel"], 0  # [D, V]
     else:
         w, contract = params["embed"]["embedding"], 1  # [V, D]
+    if cfg.packed_weights:  # only the kernel reads them, at any number of rows
+        return native.small_matmul(h, w, packed=True)
     if cfg.matmul_impl == "native" and native.fits(h.shape[0], w):
         return native.small_matmul(h, w, transpose_w=contract == 1)
     return jax.lax.dot_general(
@@ -123,23 +125,40 @@ def _lm_head(cfg: ModelConfig, params: dict, h: Array) -> Array:
     )  # fmt: skip
 
 
-# The latest tied embedding and its transpose (see _with_head): one entry, so a process that
-# decodes with one model at a time holds one extra copy.
-_HEAD_T: dict = {}
+# The parameters of the latest two trees given to _for_kernel, and what it made of them (a
+# benchmark alternates float32 and bfloat16 copies of one model). Each entry holds a second
+# copy of the weights (packed) or of the head (transposed) while the tree is in use.
+_FOR_KERNEL: list = []
 
 
-def _with_head(cfg: ModelConfig, params: dict) -> dict:
-    """``params`` plus ``lm_head`` = the tied embedding transposed to [D, V], for lm.native:
-    its product streams [D, V] in contiguous rows, where reading [V, D] against 16 rows costs
-    a reduction per dot product (SmolLM2's [49152, 576] head, 16 rows, two threads: 8.8
-    against ~12 ms a step). The caller's tree is left as it is (shardings, checkpoints)."""
-    if not cfg.tie_embeddings or cfg.matmul_impl != "native" or "lm_head" in params:
-        return params
-    e = params["embed"]["embedding"]
-    hit = _HEAD_T.get("latest")
-    if hit is None or hit[0] is not e:
-        hit = _HEAD_T["latest"] = (e, jax.jit(jnp.transpose)(e))
-    return dict(params, lm_head={"kernel": hit[1]})
+def _for_kernel(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
+    """The decoding config and parameters for lm.native's kernel; the caller's tree is left as
+    it is (shardings, checkpoints).
+
+    - A tied embedding gets a transposed copy as ``lm_head`` [D, V]: the kernel streams it in
+      contiguous rows, where reading [V, D] against 16 rows costs a reduction per dot product
+      (SmolLM2's [49152, 576] head, 16 rows, two threads: 8.8 against ~12 ms a step).
+    - Where ``native.packs()`` (AVX2 hosts), every Dense kernel of the blocks and the head are
+      packed (``native.pack``) and ``cfg.packed_weights`` is set.
+    """
+    if cfg.matmul_impl != "native":
+        return cfg, params
+    packs = native.packs()
+    leaves = jax.tree.leaves(params)
+    for entry in _FOR_KERNEL:
+        if entry[0] == packs and len(entry[1]) == len(leaves):
+            if all(a is b for a, b in zip(entry[1], leaves)):
+                return cfg.replace(packed_weights=packs), entry[2]
+    out = params
+    if cfg.tie_embeddings and "lm_head" not in params:
+        out = dict(out, lm_head={"kernel": jax.jit(jnp.transpose)(out["embed"]["embedding"])})
+    if packs:  # Dense kernels only: the embedding stays a lookup table
+        pack = jax.jit(native.pack)
+        out = jax.tree_util.tree_map_with_path(
+            lambda path, x: pack(x) if getattr(path[-1], "key", None) == "kernel" else x, out
+        )
+    _FOR_KERNEL[:] = [(packs, leaves, out), *_FOR_KERNEL[:1]]
+    return cfg.replace(packed_weights=packs), out
 
 
 def matmul_impl(params) -> str:
@@ -362,8 +381,7 @@ def generate(
     """
     if not isinstance(strategy, Greedy | Sample):
         raise DecodeError(f"strategy must be Greedy() or Sample(...), got {strategy!r}")
-    cfg = cfg.replace(matmul_impl=matmul_impl(params))
-    params = _with_head(cfg, params)
+    cfg, params = _for_kernel(cfg.replace(matmul_impl=matmul_impl(params)), params)
     context = int(context or cfg.max_len)
     if cfg.positions == "learned" and context > cfg.max_len:
         raise DecodeError(f"context={context} exceeds the model's {cfg.max_len} learned positions")

@@ -47,14 +47,14 @@ class ConfigError(ValueError):
 
 
 # ModelConfig fields the experiment may override, with their types (rope_scaling is a nested
-# tuple and stays out: set it through a checkpoint or a preset; matmul_impl is decoding's
-# runtime choice, and its native kernel has no gradient).
+# tuple and stays out: set it through a checkpoint or a preset; matmul_impl and packed_weights
+# are decoding's runtime choices, and the native kernel has no gradient).
 def _model_fields() -> dict[str, type]:
     out = {}
     hints = typing.get_type_hints(ModelConfig)
     for f in dataclasses.fields(ModelConfig):
         t = hints[f.name]
-        if f.name == "matmul_impl":
+        if f.name in ("matmul_impl", "packed_weights"):
             continue
         if t in (int, float, bool, str):
             out[f.name] = t

@@ -33,13 +33,21 @@ def _kernel_init(std: float = 0.02):
     return nn.initializers.normal(stddev=std)
 
 
-def matmul(x: Array, w: Array, dtype, impl: str = "xla", residual: Array | None = None) -> Array:
+def matmul(
+    x: Array,
+    w: Array,
+    dtype,
+    impl: str = "xla",
+    residual: Array | None = None,
+    packed: bool = False,
+) -> Array:
     """x[..., I] @ w[I, O] with float32 accumulation, returned in ``dtype`` (plus ``residual``
     [..., O] when given).
 
     ``impl="native"`` (decoding on CPU, set by lm.decode) sends the product to lm.native's
     kernel, which streams float32 or bfloat16 weights without widening them through memory
-    (and lands it on the residual in place); it has no gradient.
+    (and lands it on the residual in place); it has no gradient. ``packed``: w is in
+    lm.native.pack's layout, which only that kernel reads.
     """
     # As one 2-D [N, I] x [I, O] product: XLA:CPU differentiates a 3-D dot_general into
     # transposes plus dots about 2x slower than the 2-D ones (measured on the train step).
@@ -48,9 +56,11 @@ def matmul(x: Array, w: Array, dtype, impl: str = "xla", residual: Array | None 
     if impl == "native" and native.fits_matmul(x2.shape[0], w):
         if residual is not None:
             r2 = residual.reshape(-1, residual.shape[-1])
-            y = native.small_matmul(x2, w, residual=r2)
+            y = native.small_matmul(x2, w, residual=r2, packed=packed)
             return y.astype(dtype).reshape(*lead, w.shape[-1])
-        y = native.small_matmul(x2, w)
+        y = native.small_matmul(x2, w, packed=packed)
+    elif packed:
+        raise ValueError(f"packed weights {w.shape} {w.dtype} need lm.native's kernel")
     else:
         y = jax.lax.dot_general(
             x2.astype(dtype), w.astype(dtype), (((1,), (0,)), ((), ())),
@@ -77,6 +87,7 @@ class Dense(nn.Module):
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     matmul_impl: str = "xla"  # see matmul
+    packed: bool = False  # the kernel is in lm.native.pack's layout (decoding; see matmul)
 
     @nn.compact
     def __call__(
@@ -92,7 +103,10 @@ class Dense(nn.Module):
             pdt,
         )
         fused = not self.use_bias and not self.lora_rank
-        y = matmul(x, kernel, dtype_of(self.dtype), self.matmul_impl, residual if fused else None)
+        y = matmul(
+            x, kernel, dtype_of(self.dtype), self.matmul_impl, residual if fused else None,
+            self.packed,
+        )  # fmt: skip
         if fused:
             residual = None
         if self.use_bias:
@@ -148,10 +162,10 @@ def native_projections(
         return None
     dt = dtype_of(cfg.dtype)
     if gated:
-        h = native.gated_matmul(x2, *ws).astype(dt)
+        h = native.gated_matmul(x2, *ws, packed=cfg.packed_weights).astype(dt)
         return [h.reshape(*x.shape[:-1], h.shape[-1])]
     out = []
-    for n, y in zip(names, native.small_matmuls(x2, ws)):
+    for n, y in zip(names, native.small_matmuls(x2, ws, packed=cfg.packed_weights)):
         y = y.astype(dt)  # as Dense: the product in dtype, then the bias
         if use_bias:
             y = y + params[n]["bias"].astype(dt)
@@ -177,6 +191,7 @@ def dense(cfg: ModelConfig, features: int, axes, name: str, use_bias: bool) -> D
         cfg.lora_alpha,
         cfg.lora_dropout,
         cfg.matmul_impl,
+        cfg.packed_weights,
         name=name,
     )
 

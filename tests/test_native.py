@@ -130,6 +130,76 @@ def test_small_matmul_lands_on_the_residual(m, k, n, dtype):
         native.small_matmul(x, w, residual=r[:, :-1])
 
 
+def test_pack_layout_and_unpack():
+    """Panels of 24 columns stored whole, K rows each, the last N % 24 columns after them; a
+    stacked [L, K, N] packs layer by layer (scan_layers)."""
+    k, n = 5, 53  # two full panels and a 5-column tail
+    w = jnp.arange(k * n, dtype=jnp.float32).reshape(k, n)
+    p = native.pack(w)
+    assert p.shape == w.shape and p.dtype == w.dtype
+    flat = np.asarray(p).reshape(-1)
+    for j, width in ((0, 24), (24, 24), (48, 5)):
+        panel = flat[j * k : j * k + k * width].reshape(k, width)
+        np.testing.assert_array_equal(panel, np.asarray(w)[:, j : j + width])
+    np.testing.assert_array_equal(np.asarray(native.unpack(p)), np.asarray(w))
+    stacked = jnp.stack([w, w + 1000])
+    np.testing.assert_array_equal(
+        np.asarray(native.pack(stacked)[1]), np.asarray(native.pack(w + 1000))
+    )
+    np.testing.assert_array_equal(
+        np.asarray(native.unpack(native.pack(stacked))), np.asarray(stacked)
+    )
+
+
+# (rows, K, N) for packed weights: 1 to 4 rows (one pass of the 4 x 24 tiles), 5 to 16 (up to
+# 4 passes, ragged), 17 and more (the prefill's 48-column panels read from the packed ones);
+# N with a tail panel (50, 77, 5000 + 8) and without (576, 192).
+PACKED_SHAPES = [
+    (1, 576, 1536), (3, 100, 77), (4, 576, 192), (5, 8, 5008), (12, 1536, 576), (16, 64, 50),
+    (17, 64, 50), (100, 400, 200), (64, 576, 77),
+]  # fmt: skip
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("m,k,n", PACKED_SHAPES)
+def test_packed_products_equal_xla_dots(m, k, n, dtype):
+    """x @ W, + residual, q/k/v-like sets of weights and the SwiGLU layer, from packed W."""
+    rng = np.random.default_rng(m * 7 + n)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    w, w2 = (jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype) for _ in range(2))
+    r = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+    pw, pw2 = native.pack(w), native.pack(w2)
+    xf = np.asarray(x, np.float64)
+    want, want2 = (xf @ np.asarray(a.astype(jnp.float32), np.float64) for a in (w, w2))
+    tol = dict(rtol=0, atol=2e-5 * np.sqrt(k))
+    got = jax.jit(functools.partial(native.small_matmul, packed=True))(x, pw)
+    np.testing.assert_allclose(np.asarray(got), want, **tol)
+    got = jax.jit(lambda x, w, r: native.small_matmul(x, w, residual=r, packed=True))(x, pw, r)
+    np.testing.assert_allclose(np.asarray(got), want + np.asarray(r), **tol)
+    w3 = jnp.asarray(rng.standard_normal((k, n // 2 + 1)), jnp.bfloat16)  # another width, dtype
+    got = jax.jit(functools.partial(native.small_matmuls, packed=True))(x, [pw, native.pack(w3)])
+    np.testing.assert_allclose(np.asarray(got[0]), want, **tol)
+    want3 = xf @ np.asarray(w3.astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(np.asarray(got[1]), want3, rtol=0, atol=4e-5 * np.sqrt(k))
+    got = jax.jit(functools.partial(native.gated_matmul, packed=True))(x, pw, pw2)
+    np.testing.assert_allclose(np.asarray(got), want / (1 + np.exp(-want)) * want2, **tol)
+    with pytest.raises(ValueError, match="packed"):
+        native.small_matmul(x, pw, transpose_w=True, packed=True)
+
+
+@needs_kernel
+def test_packed_products_are_bitwise_repeatable():
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.standard_normal((16, 1536)), jnp.float32)
+    ws = [native.pack(jnp.asarray(rng.standard_normal((1536, n)), jnp.float32)) for n in (576, 200)]
+    f = jax.jit(functools.partial(native.small_matmuls, packed=True))
+    first = [np.asarray(g) for g in f(x, ws)]
+    for _ in range(20):
+        for g, want in zip(f(x, ws), first, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), want)
+
+
 def test_small_matmul_rejects_bad_operands():
     x = jnp.ones((2, 8), jnp.float32)
     with pytest.raises(ValueError, match="do not contract"):
@@ -598,6 +668,44 @@ def test_decoding_through_the_kernel_equals_xla(dtype, rows, monkeypatch):
     decode._COMPILED.clear()
     if dtype == "float32":
         assert got == want
+
+
+@needs_kernel
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("rows", [1, 12])
+def test_decoding_with_packed_weights_equals_row_major(preset, rows, monkeypatch):
+    """AVX2 hosts decode from packed weights (native.packs); any x86 host can: same logits to
+    float32 rounding, same greedy tokens, and the caller's tree is left row-major."""
+    from test_decode import random_model
+
+    from lm import decode
+
+    cfg, params = random_model(preset)
+    cfg = cfg.replace(matmul_impl="native")
+    monkeypatch.setenv("LM_PACK", "1")
+    pcfg, pparams = decode._for_kernel(cfg, params)
+    assert pcfg.packed_weights
+    q = pparams["layers_0"]["attn"]["q"]["kernel"]
+    np.testing.assert_array_equal(
+        np.asarray(q), np.asarray(native.pack(params["layers_0"]["attn"]["q"]["kernel"]))
+    )
+    assert pparams["embed"]["embedding"] is params["embed"]["embedding"]  # a lookup table
+    assert decode._for_kernel(cfg, params)[1] is pparams  # packed once per tree
+    monkeypatch.setenv("LM_PACK", "0")
+    rcfg, rparams = decode._for_kernel(cfg, params)
+    assert not rcfg.packed_weights
+    np.testing.assert_allclose(
+        _step_logits(decode, pcfg, pparams, rows), _step_logits(decode, rcfg, rparams, rows),
+        atol=1e-5, rtol=1e-5,
+    )  # fmt: skip
+    prompts = ([[5, 7, 9, 11], [(3 * i) % 120 + 1 for i in range(45)]] * rows)[: max(rows, 2)]
+    tokens = {}
+    for pack in ("0", "1"):
+        monkeypatch.setenv("LM_PACK", pack)
+        tokens[pack] = [g.token_ids for g in decode.generate(cfg, params, prompts, 12)]
+    assert tokens["0"] == tokens["1"]
+    with pytest.raises(ValueError, match="packed_weights=True needs matmul_impl='native'"):
+        cfg.replace(matmul_impl="xla", packed_weights=True)
 
 
 def _step_logits(decode, cfg, params, rows):
