@@ -152,8 +152,9 @@ def test_pack_layout_and_unpack():
 
 
 # (rows, K, N) for packed weights: 1 to 4 rows (one pass of the 4 x 24 tiles), 5 to 16 (up to
-# 4 passes, ragged), 17 and more (the prefill's 48-column panels read from the packed ones);
-# N with a tail panel (50, 77, 5000 + 8) and without (576, 192).
+# 4 passes, ragged), 17 and more (a prefill: float32 through the same tiles, bfloat16 through
+# gemm_many's 48-column panels read from the packed ones); N with a tail panel (50, 77,
+# 5000 + 8) and without (576, 192).
 PACKED_SHAPES = [
     (1, 576, 1536), (3, 100, 77), (4, 576, 192), (5, 8, 5008), (12, 1536, 576), (16, 64, 50),
     (17, 64, 50), (100, 400, 200), (64, 576, 77),
@@ -706,6 +707,10 @@ def test_decoding_with_packed_weights_equals_row_major(preset, rows, monkeypatch
     assert tokens["0"] == tokens["1"]
     with pytest.raises(ValueError, match="packed_weights=True needs matmul_impl='native'"):
         cfg.replace(matmul_impl="xla", packed_weights=True)
+    from lm.layers import matmul
+
+    with pytest.raises(ValueError, match="need lm.native's kernel"):  # never read as row-major
+        matmul(jnp.ones((2, 32)), q, jnp.float32, "xla", packed=True)
 
 
 def _step_logits(decode, cfg, params, rows):
