@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -51,6 +52,8 @@ from lm.config import ModelConfig
 from lm.layers import dtype_of
 from lm.model import Transformer, init_cache
 from lm.sampling import Greedy, Sample, Strategy, choose
+
+log = logging.getLogger(__name__)
 
 Array = jax.Array
 
@@ -139,26 +142,60 @@ def _for_kernel(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
       contiguous rows, where reading [V, D] against 16 rows costs a reduction per dot product
       (SmolLM2's [49152, 576] head, 16 rows, two threads: 8.8 against ~12 ms a step).
     - Where ``native.packs()`` (AVX2 hosts), every Dense kernel of the blocks and the head are
-      packed (``native.pack``) and ``cfg.packed_weights`` is set.
+      packed (``native.pack``) and ``cfg.packed_weights`` is set, unless the copy would take
+      more than half of the free memory (``_packed_copy_fits``).
     """
     if cfg.matmul_impl != "native":
         return cfg, params
-    packs = native.packs()
     leaves = jax.tree.leaves(params)
-    for entry in _FOR_KERNEL:
-        if entry[0] == packs and len(entry[1]) == len(leaves):
-            if all(a is b for a, b in zip(entry[1], leaves)):
-                return cfg.replace(packed_weights=packs), entry[2]
-    out = params
-    if cfg.tie_embeddings and "lm_head" not in params:
-        out = dict(out, lm_head={"kernel": jax.jit(jnp.transpose)(out["embed"]["embedding"])})
-    if packs:  # Dense kernels only: the embedding stays a lookup table
-        pack = jax.jit(native.pack)
-        out = jax.tree_util.tree_map_with_path(
-            lambda path, x: pack(x) if getattr(path[-1], "key", None) == "kernel" else x, out
-        )
-    _FOR_KERNEL[:] = [(packs, leaves, out), *_FOR_KERNEL[:1]]
+
+    def cached(packs):
+        for entry in _FOR_KERNEL:
+            if entry[0] == packs and len(entry[1]) == len(leaves):
+                if all(a is b for a, b in zip(entry[1], leaves)):
+                    return entry[2]
+        return None
+
+    packs = native.packs()
+    out = cached(packs)
+    if out is None and packs and not _packed_copy_fits(params):
+        packs = False
+        out = cached(packs)
+    if out is None:
+        out = params
+        if cfg.tie_embeddings and "lm_head" not in params:
+            e = out["embed"]["embedding"]
+            out = dict(out, lm_head={"kernel": jax.jit(jnp.transpose)(e)})
+        if packs:  # Dense kernels only: the embedding stays a lookup table
+            pack = jax.jit(native.pack)
+            out = jax.tree_util.tree_map_with_path(
+                lambda path, x: pack(x) if getattr(path[-1], "key", None) == "kernel" else x, out
+            )
+        _FOR_KERNEL[:] = [(packs, leaves, out), *_FOR_KERNEL[:1]]
     return cfg.replace(packed_weights=packs), out
+
+
+def _packed_copy_fits(params) -> bool:
+    """Whether a packed copy of the Dense kernels takes at most half of the memory the OS
+    reports free (Linux); where it does not (a model near the machine's size), decoding keeps
+    the row-major kernel's layout instead of running out of memory."""
+    size = sum(
+        x.nbytes
+        for path, x in jax.tree_util.tree_leaves_with_path(params)
+        if getattr(path[-1], "key", None) == "kernel"
+    )
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return True
+    if 2 * size <= free:
+        return True
+    log.warning(
+        "lm.decode: not packing the weights for lm.native (a copy of %.1f GB; %.1f GB free): "
+        "decoding reads them row-major, more slowly at batch sizes above 4",
+        size / 1e9, free / 1e9,
+    )  # fmt: skip
+    return False
 
 
 def matmul_impl(params) -> str:

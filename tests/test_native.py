@@ -707,6 +707,16 @@ def test_decoding_with_packed_weights_equals_row_major(preset, rows, monkeypatch
     assert tokens["0"] == tokens["1"]
     with pytest.raises(ValueError, match="packed_weights=True needs matmul_impl='native'"):
         cfg.replace(matmul_impl="xla", packed_weights=True)
+    # A packed copy that would not fit in half of the free memory is not made.
+    decode._FOR_KERNEL.clear()
+    monkeypatch.setenv("LM_PACK", "1")
+    monkeypatch.setattr(decode.os, "sysconf", lambda name: 1)  # 1 free page of 1 byte
+    tight_cfg, tight = decode._for_kernel(cfg, params)
+    assert not tight_cfg.packed_weights
+    np.testing.assert_array_equal(
+        np.asarray(tight["layers_0"]["attn"]["q"]["kernel"]),
+        np.asarray(params["layers_0"]["attn"]["q"]["kernel"]),
+    )
     from lm.layers import matmul
 
     with pytest.raises(ValueError, match="need lm.native's kernel"):  # never read as row-major

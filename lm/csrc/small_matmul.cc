@@ -710,14 +710,14 @@ inline void silu_mul(const float* g, int64_t ldg, const float* u, int64_t ldu, i
 // W's columns are cut into panels of kPackCols, each stored whole before the next: columns
 // [j, j + w) as K rows of w floats (or bfloat16s) starting at element j K, w = 24 but for the
 // last N % 24 columns. A decoding step streams each panel front to back (the pattern the
-// hardware prefetcher follows, with no copy) through 4 x 24 register tiles that run all of K:
-// each panel row loaded feeds 12 FMAs of 4 rows of x, and out is written once, where the
-// row-major form (nn_stream) copies W into panels first and re-reads out every 32 rows of W.
-// The thread prefetches the next panel it will run, a share during each pass of 4 rows.
-// Measured (Zen 3, C++ harness, 16 rows, 2 threads, SmolLM2's 30 layers of q/k/v, o, gate/up
-// and down cycled from memory): 32-35 ms a step against 51.5 for nn_stream through XLA in the
-// same phase of the host (lm.native's products alone), 45 without the prefetch in a slower one.
-// A panel's tiles also add over K in one order, so the result does not depend on the threads.
+// hardware prefetcher follows, with no copy), kPackDepth rows at a time, through 4 x 24
+// register tiles: each panel row loaded feeds 12 FMAs of 4 rows of x, where the row-major form
+// (nn_stream) copies W into panels first and runs 2 x 48 tiles. The thread prefetches the
+// block it runs next, a share during each pass of 4 rows. Measured (Zen 3, 16 rows, 2 threads,
+// SmolLM2's 30 layers of q/k/v, o, gate/up and down cycled from memory): 32-35 ms a step in a
+// C++ harness with whole panels, against 51.5 for nn_stream through XLA in the same phase of
+// the host; through XLA, products and head, 56.8 against 80.4 ms. A panel's tiles add over K
+// in one order, so the result does not depend on the threads.
 constexpr int64_t kPackCols = 24;
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -733,18 +733,26 @@ inline float widen(bf16 x) {
   return f;
 }
 
-// How a tile's sums reach out: written, added (a residual), or as silu(out) * sums (out holds
-// x @ W_gate of a SwiGLU layer, the sums x @ W_up).
-enum class Epilogue { kStore, kAdd, kSiluMul };
-
-// out[r, :width] (ep)= x[r, :K] @ P for MR <= 4 rows, P a panel of K rows of 24 (ld 24; zero
-// past width). Prefetches `lines` cache lines from pf, one or two a row of P.
+// out[r, :width] = (accumulate ? out[r, :width] : 0) + x[r, :K] @ P for MR <= 4 rows, P
+// K rows of 24 (ld 24; zero past width). Prefetches `lines` cache lines from pf, one or two
+// a row of P.
 template <typename T, int MR>
 void packed_tile(const float* x, int64_t ldx, int64_t K, const T* p, float* out, int64_t ldo,
-                 int64_t width, Epilogue ep, const char* pf, int64_t lines) {
+                 int64_t width, bool accumulate, const char* pf, int64_t lines) {
   __m256 acc[MR][3];
+  alignas(32) float t[MR][kPackCols];  // a narrow panel's rows of out, zero-padded to 24
+  const bool full = width == kPackCols;
+  if (!full) {
+    for (int r = 0; r < MR; ++r) {
+      for (int64_t c = 0; c < kPackCols; ++c) t[r][c] = accumulate && c < width ? out[r * ldo + c] : 0.0f;
+    }
+  }
   _Pragma("GCC unroll 4") for (int r = 0; r < MR; ++r)
-    _Pragma("GCC unroll 3") for (int c = 0; c < 3; ++c) acc[r][c] = _mm256_setzero_ps();
+    _Pragma("GCC unroll 3") for (int c = 0; c < 3; ++c) {
+      acc[r][c] = !accumulate ? _mm256_setzero_ps()
+                  : full      ? _mm256_loadu_ps(out + r * ldo + 8 * c)
+                              : _mm256_load_ps(&t[r][8 * c]);
+    }
   auto step = [&](int64_t k) __attribute__((always_inline)) {
     const T* pk = p + k * kPackCols;
     const __m256 b0 = load8(pk), b1 = load8(pk + 8), b2 = load8(pk + 16);
@@ -765,48 +773,56 @@ void packed_tile(const float* x, int64_t ldx, int64_t K, const T* p, float* out,
     step(k);
   }
   _Pragma("GCC unroll 4") for (; k < K; ++k) step(k);
-  if (width == kPackCols && ep != Epilogue::kSiluMul) {
+  if (full) {
     _Pragma("GCC unroll 4") for (int r = 0; r < MR; ++r)
-      _Pragma("GCC unroll 3") for (int c = 0; c < 3; ++c) {
-        float* o = out + r * ldo + 8 * c;
-        _mm256_storeu_ps(o, ep == Epilogue::kAdd ? _mm256_add_ps(_mm256_loadu_ps(o), acc[r][c])
-                                                 : acc[r][c]);
-      }
+      _Pragma("GCC unroll 3") for (int c = 0; c < 3; ++c) _mm256_storeu_ps(out + r * ldo + 8 * c, acc[r][c]);
     return;
   }
-  alignas(32) float t[MR][kPackCols];
   _Pragma("GCC unroll 4") for (int r = 0; r < MR; ++r)
     _Pragma("GCC unroll 3") for (int c = 0; c < 3; ++c) _mm256_store_ps(&t[r][8 * c], acc[r][c]);
-  if (ep == Epilogue::kSiluMul) return silu_mul(out, ldo, &t[0][0], kPackCols, MR, width, out, ldo);
-  for (int r = 0; r < MR; ++r) {
-    for (int64_t j = 0; j < width; ++j) out[r * ldo + j] = (ep == Epilogue::kAdd ? out[r * ldo + j] : 0.0f) + t[r][j];
-  }
+  for (int r = 0; r < MR; ++r) std::copy(t[r], t[r] + width, out + r * ldo);
 }
 
-// out[:M, j : j + 24] (ep)= x @ W[:, j : j + 24] for packed W [K, N] (fewer columns at the end,
-// widened then into a zero-padded copy), 4 rows of x a pass; `next` (`bytes` long) is the
-// panel the thread runs next, prefetched a share a pass.
+// Rows of a packed panel per pass over x's rows: 128 x 24 floats (12 KB) stay in L1 for the
+// 4 passes of a decoding step's 16 rows while the next block streams in beside them. Measured
+// (C++ harness, Zen 3, 16 rows, 2 threads, SmolLM2's layers cycled from memory; 4 rounds):
+// 25.4-27.1 ms a step against 27.9-30.1 with whole panels (55-147 KB, passes 2-4 from L2);
+// 64 rows 27.3-28.2.
+constexpr int64_t kPackDepth = 128;
+
+// out[:M, :width] (+)= x @ P for one panel P of packed W (K rows of `width` <= 24 columns; a
+// narrow one is widened into a zero-padded copy first), kPackDepth rows of P at a time, 4
+// rows of x a pass. `next` (`bytes` long) is the panel the thread runs next: each block
+// prefetches the one after it, a share a pass.
 template <typename T>
-void packed_panel(const float* x, int64_t M, int64_t K, const T* w, int64_t N, int64_t j,
-                  float* out, Epilogue ep, const char* next, int64_t bytes) {
-  const int64_t width = std::min(kPackCols, N - j);
-  const int64_t passes = (M + 3) / 4, lines = (bytes + 63) / 64, share = (lines + passes - 1) / passes;
-  auto rows = [&](const auto* p) {
-    for (int64_t m = 0, i = 0; m < M; m += 4, ++i) {
-      const int64_t n = next ? std::max<int64_t>(0, std::min(share, lines - i * share)) : 0;
-      with_rows<4>(M - m, [&](auto R) {
-        packed_tile<std::remove_const_t<std::remove_pointer_t<decltype(p)>>, R>(
-            x + m * K, K, K, p, out + m * N + j, N, width, ep, n ? next + 64 * i * share : nullptr, n);
-      });
+void packed_panel(const float* x, int64_t M, int64_t K, const T* p, int64_t width, float* out,
+                  int64_t ldo, bool accumulate, const char* next, int64_t bytes) {
+  const int64_t passes = (M + 3) / 4, depth = M <= kNnRows ? kPackDepth : K;
+  auto blocks = [&](const auto* q) {
+    using U = std::remove_const_t<std::remove_pointer_t<decltype(q)>>;
+    for (int64_t k0 = 0; k0 < K; k0 += depth) {
+      const int64_t kc = std::min(depth, K - k0);
+      const bool last = k0 + kc >= K;
+      // The block after this one: the panel's next rows, else the next panel's first ones.
+      const char* ahead = last ? next : reinterpret_cast<const char*>(q + (k0 + kc) * kPackCols);
+      const int64_t ahead_bytes = last ? std::min<int64_t>(bytes, depth * kPackCols * sizeof(T))
+                                       : std::min(depth, K - k0 - kc) * kPackCols * static_cast<int64_t>(sizeof(U));
+      const int64_t lines = ahead ? (ahead_bytes + 63) / 64 : 0, share = (lines + passes - 1) / passes;
+      for (int64_t m = 0, i = 0; m < M; m += 4, ++i) {
+        const int64_t n = std::max<int64_t>(0, std::min(share, lines - i * share));
+        with_rows<4>(M - m, [&](auto R) {
+          packed_tile<U, R>(x + m * K + k0, K, kc, q + k0 * kPackCols, out + m * ldo, ldo, width,
+                            accumulate || k0 > 0, n ? ahead + 64 * i * share : nullptr, n);
+        });
+      }
     }
   };
-  const T* p = w + j * K;
-  if (width == kPackCols) return rows(p);
+  if (width == kPackCols) return blocks(p);
   float* t = scratch(K * kPackCols, 2);
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t c = 0; c < kPackCols; ++c) t[k * kPackCols + c] = c < width ? widen(p[k * width + c]) : 0.0f;
   }
-  rows(static_cast<const float*>(t));
+  blocks(static_cast<const float*>(t));
 }
 
 // out_i (=, or += with accumulate) x @ W_i for packed weights sharing x (q/k/v), or with gated
@@ -819,7 +835,9 @@ void packed_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
     for (int64_t j = 0; j < plans[i].N; j += kPackCols) tasks.emplace_back(static_cast<int>(i), j);
   }
   const int64_t n = static_cast<int64_t>(tasks.size());
-  auto panel = [&](int plan, int64_t j, Epilogue ep, int64_t after_plan, int64_t after_j) {
+  // Panel j of plan `plan` into dst (ld ldo), then prefetching panel after_j of after_plan.
+  auto panel = [&](int plan, int64_t j, float* dst, int64_t ldo, bool add, int after_plan,
+                   int64_t after_j) {
     const NnPlan& p = plans[plan];
     const char* next = nullptr;
     int64_t bytes = 0;
@@ -829,10 +847,11 @@ void packed_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
       next = static_cast<const char*>(q.w) + after_j * K * size;
       bytes = std::min(kPackCols, q.N - after_j) * K * size;
     }
+    const int64_t width = std::min(kPackCols, p.N - j);
     if (p.bf16) {
-      packed_panel(x, M, K, static_cast<const bf16*>(p.w), p.N, j, p.out, ep, next, bytes);
+      packed_panel(x, M, K, static_cast<const bf16*>(p.w) + j * K, width, dst, ldo, add, next, bytes);
     } else {
-      packed_panel(x, M, K, static_cast<const float*>(p.w), p.N, j, p.out, ep, next, bytes);
+      packed_panel(x, M, K, static_cast<const float*>(p.w) + j * K, width, dst, ldo, add, next, bytes);
     }
   };
   std::atomic<int64_t> claimed{0};
@@ -842,11 +861,15 @@ void packed_many(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
       const auto [plan, j] = tasks[c];
       const int next_plan = after < n ? tasks[after].first : -1;
       const int64_t next_j = after < n ? tasks[after].second : 0;
-      if (gated) {
-        panel(0, j, Epilogue::kStore, 1, j);  // the up panel next
-        panel(1, j, Epilogue::kSiluMul, next_plan, next_j);
+      const NnPlan& p = plans[plan];
+      if (gated) {  // x @ W_up into a strip, then out = silu(x @ W_gate) * strip
+        const int64_t width = std::min(kPackCols, p.N - j);
+        float* strip = scratch(M * kPackCols);
+        panel(0, j, p.out + j, p.N, false, 1, j);  // the up panel next
+        panel(1, j, strip, kPackCols, false, next_plan, next_j);
+        silu_mul(p.out + j, p.N, strip, kPackCols, M, width, p.out + j, p.N);
       } else {
-        panel(plan, j, accumulate ? Epilogue::kAdd : Epilogue::kStore, next_plan, next_j);
+        panel(plan, j, p.out + j, p.N, accumulate, next_plan, next_j);
       }
       c = after;
     }
