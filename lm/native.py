@@ -40,11 +40,13 @@ Both attention kernels apply RoPE to q and k themselves (the tables come from
 ``lm.layers.rope_angles``), which removes XLA's elementwise RoPE ops from every layer.
 
 On AVX2 hosts (no AVX-512) lm.decode hands the kernel packed weights (``pack``, ``packs``):
-each 24-column panel of W stored whole, streamed front to back through 4 x 24 register tiles
-that run all of K. SmolLM2 on a 2-core Zen 3, lm only, packed and row-major alternated call
-by call (3 rounds, 128 new tokens): batch 16 float32 245 against 212 tok/s (1.16x), bfloat16
-357 against 280 (1.28x); batch 1 bfloat16 57.8 against 48.9 (1.18x), float32 and the 512-token
-prefill within 2-3% (the prefill copies the packed panels into its own).
+each 24-column panel of W stored whole, streamed front to back through 4 x 24 register tiles,
+128 rows of the panel at a time. SmolLM2 on a 2-core Zen 3, lm only, packed and row-major
+alternated call by call (3 rounds, 128 new tokens, whole panels): batch 16 float32 245
+against 212 tok/s (1.16x), bfloat16 357 against 280 (1.28x); batch 1 bfloat16 57.8 against
+48.9 (1.18x), float32 and the 512-token prefill within 2-3%; the 128-row blocks added ~9% at
+batch 16. Float32 prefills run the same tiles over whole panels (0.73 against 0.80 s);
+bfloat16 ones copy the packed panels into gemm_many's.
 
 The kernels are written once against ``lm/csrc/simd.h``'s 16-lane vectors: one AVX-512
 register, or two AVX2 registers on CPUs without AVX-512 (AMD Zen, older Intel), where the
