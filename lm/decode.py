@@ -169,21 +169,22 @@ def _for_kernel(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
         if packs:  # Dense kernels only: the embedding stays a lookup table
             pack = jax.jit(native.pack)
             out = jax.tree_util.tree_map_with_path(
-                lambda path, x: pack(x) if getattr(path[-1], "key", None) == "kernel" else x, out
+                lambda path, x: pack(x) if _is_kernel(path) else x, out
             )
         _FOR_KERNEL[:] = [(packs, leaves, out), *_FOR_KERNEL[:1]]
     return cfg.replace(packed_weights=packs), out
+
+
+def _is_kernel(path) -> bool:
+    """Whether a leaf's tree path ends in a Dense ``kernel`` (what packing rearranges)."""
+    return getattr(path[-1], "key", None) == "kernel"
 
 
 def _packed_copy_fits(params) -> bool:
     """Whether a packed copy of the Dense kernels takes at most half of the memory the OS
     reports free (Linux); where it does not (a model near the machine's size), decoding keeps
     the row-major kernel's layout instead of running out of memory."""
-    size = sum(
-        x.nbytes
-        for path, x in jax.tree_util.tree_leaves_with_path(params)
-        if getattr(path[-1], "key", None) == "kernel"
-    )
+    size = sum(x.nbytes for p, x in jax.tree_util.tree_leaves_with_path(params) if _is_kernel(p))
     try:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

@@ -733,6 +733,15 @@ inline float widen(bf16 x) {
   return f;
 }
 
+// The packed panel of `width` < 24 columns at src (K rows of width) into dst as K rows of 24
+// floats, ldd apart, zero past the width (bfloat16 widened).
+template <typename T>
+void widen_panel(const T* src, int64_t K, int64_t width, float* dst, int64_t ldd) {
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t c = 0; c < kPackCols; ++c) dst[k * ldd + c] = c < width ? widen(src[k * width + c]) : 0.0f;
+  }
+}
+
 // out[r, :width] = (accumulate ? out[r, :width] : 0) + x[r, :K] @ P for MR <= 4 rows, P
 // K rows of 24 (ld 24; zero past width). Prefetches `lines` cache lines from pf, one or two
 // a row of P.
@@ -819,9 +828,7 @@ void packed_panel(const float* x, int64_t M, int64_t K, const T* p, int64_t widt
   };
   if (width == kPackCols) return blocks(p);
   float* t = scratch(K * kPackCols, 2);
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t c = 0; c < kPackCols; ++c) t[k * kPackCols + c] = c < width ? widen(p[k * width + c]) : 0.0f;
-  }
+  widen_panel(p, K, width, t, kPackCols);
   blocks(static_cast<const float*>(t));
 }
 
@@ -885,13 +892,13 @@ void gemm_pack_packed(const void* wv, int64_t N, int64_t K, int64_t p0, int64_t 
     for (int64_t half = 0; half < kTileCols / kPackCols; ++half) {
       const int64_t j = q * kTileCols + half * kPackCols, width = std::max<int64_t>(0, std::min(kPackCols, N - j));
       const T* src = w + j * K;
+      float* dh = d + half * kPackCols;
+      if (width < kPackCols) {
+        widen_panel(src, K, width, dh, kTileCols);
+        continue;
+      }
       for (int64_t k = 0; k < K; ++k) {
-        float* dk = d + k * kTileCols + half * kPackCols;
-        if (width == kPackCols) {
-          for (int64_t c = 0; c < kPackCols; ++c) dk[c] = widen(src[k * kPackCols + c]);
-        } else {
-          for (int64_t c = 0; c < kPackCols; ++c) dk[c] = c < width ? widen(src[k * width + c]) : 0.0f;
-        }
+        for (int64_t c = 0; c < kPackCols; ++c) dh[k * kTileCols + c] = widen(src[k * kPackCols + c]);
       }
     }
   }
