@@ -602,16 +602,6 @@ def _qkv_bwd_rule(heads, kv_heads, res, do):
 train_attention_qkv.defvjp(_qkv_fwd_rule, _qkv_bwd_rule)
 
 
-def _over_rows(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a^T b for a [M, I], b [M, O]: a weight's gradient summed over all rows (XLA's GEMM)."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())))
-
-
-def _norm_param_grads(dxn, xhat, bias):
-    """The norm's scale and bias gradients from d(xn) and xhat, both [M, D]."""
-    return jnp.sum(dxn * xhat, axis=0), None if bias is None else jnp.sum(dxn, axis=0)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def train_mlp(
     x: jax.Array,
@@ -633,8 +623,8 @@ def train_mlp(
 
     Returns:
         [..., D] float32: what lm.layers' Norm, MLP and the residual add compute, to float32
-        rounding. The gradient reaches x, scale, bias, w1 and w2: the kernel gives dx and the
-        per-row parts, XLA the weight products (xn^T dh, g^T dy) over all rows.
+        rounding. The gradient reaches x, scale, bias, w1 and w2, all from the backward
+        kernel: dx row by row, then the sums over rows (xn^T dh, g^T dy, the norm's).
     """
     return _mlp_fwd(x, scale, bias, w1, w2, norm, activation, eps)[0]
 
@@ -683,18 +673,20 @@ def _mlp_fwd(x, scale, bias, w1, w2, norm, activation, eps):
 def _mlp_bwd(norm, activation, eps, res, dy):
     xhat, xn, h, g, rstd, scale, bias, w1, w2 = res
     dy2 = dy.reshape(xhat.shape).astype(jnp.float32)
+    m, d = xhat.shape
     call = jax.ffi.ffi_call(
         MLP_TARGETS[1],
         (jax.ShapeDtypeStruct(xhat.shape, jnp.float32),
-         jax.ShapeDtypeStruct(h.shape, jnp.float32),
-         jax.ShapeDtypeStruct(xhat.shape, jnp.float32)),
+         jax.ShapeDtypeStruct(w1.shape, jnp.float32),
+         jax.ShapeDtypeStruct(w2.shape, jnp.float32),
+         jax.ShapeDtypeStruct((d,), jnp.float32),
+         jax.ShapeDtypeStruct((d,), jnp.float32)),
     )  # fmt: skip
-    dx, dh, dxn = call(
-        dy2, xhat, rstd, h, scale, w1, w2,
+    dx, dw1, dw2, dscale, dbias = call(
+        dy2, xhat, rstd, xn, h, g, scale, w1, w2,
         rms=norm == "rmsnorm", gelu=activation == "gelu_tanh",
     )  # fmt: skip
-    dscale, dbias = _norm_param_grads(dxn, xhat, bias)
-    return dx.reshape(dy.shape), dscale, dbias, _over_rows(xn, dh), _over_rows(g, dy2)
+    return dx.reshape(dy.shape), dscale, None if bias is None else dbias, dw1, dw2
 
 
 train_mlp.defvjp(_mlp_fwd, _mlp_bwd)
@@ -729,14 +721,16 @@ def _norm_dense_fwd(x, scale, bias, w, norm, eps):
 def _norm_dense_bwd(norm, eps, res, dy):
     xhat, xn, rstd, scale, bias, w = res
     dy2 = dy.reshape(-1, w.shape[1]).astype(jnp.float32)
+    d = xhat.shape[1]
     call = jax.ffi.ffi_call(
         NORM_DENSE_TARGETS[1],
         (jax.ShapeDtypeStruct(xhat.shape, jnp.float32),
-         jax.ShapeDtypeStruct(xhat.shape, jnp.float32)),
+         jax.ShapeDtypeStruct(w.shape, jnp.float32),
+         jax.ShapeDtypeStruct((d,), jnp.float32),
+         jax.ShapeDtypeStruct((d,), jnp.float32)),
     )  # fmt: skip
-    dx, dxn = call(dy2, xhat, rstd, scale, w, rms=norm == "rmsnorm")
-    dscale, dbias = _norm_param_grads(dxn, xhat, bias)
-    return dx.reshape(*dy.shape[:-1], xhat.shape[1]), dscale, dbias, _over_rows(xn, dy2)
+    dx, dw, dscale, dbias = call(dy2, xhat, rstd, xn, scale, w, rms=norm == "rmsnorm")
+    return dx.reshape(*dy.shape[:-1], d), dscale, None if bias is None else dbias, dw
 
 
 train_norm_dense.defvjp(_norm_dense_fwd, _norm_dense_bwd)

@@ -526,9 +526,11 @@ def _assert_grads_close(got, want, rtol=2e-6):
 
 
 # (leading shape, D, F, norm, activation): the Shakespeare layer (768 rows, 16 tasks of 48),
-# ragged row tasks (35, 150 rows), D and F off the 16-lane and 64-column tiles.
+# ragged row tasks (35, 150 rows), D and F off the 16-lane and 64-column tiles; 300 rows: the
+# sums over rows in 128-row blocks and a last short one, D = 72: two norm-sum tasks.
 MLP_CASES = [
     ((12, 64), 128, 512, "layernorm", "gelu_tanh"),
+    ((2, 150), 72, 136, "layernorm", "gelu_tanh"),
     ((5, 7), 40, 72, "rmsnorm", "relu"),
     ((3, 50), 33, 100, "layernorm", "relu"),
     ((2, 9), 20, 30, "rmsnorm", "gelu_tanh"),

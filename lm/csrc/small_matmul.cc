@@ -236,9 +236,10 @@ class Linger {
 // A thread's scratch of at least n floats, kept between calls, for every task's buffers: the
 // training-attention backward pass's (~140 KB) are past malloc's mmap threshold, and mapping
 // and unmapping them for every task cost more than the task's arithmetic. Slot 1 holds a
-// call's transposed weights (on the calling thread) while its tasks use slot 0.
+// call's transposed weights (on the calling thread) while its tasks use slot 0; slot 3 (on
+// the calling thread) a training backward call's intermediates, which every task reads.
 float* scratch(size_t n, int slot = 0) {
-  thread_local std::vector<float> buf[3];  // slot 2 (AVX2): gemm_tiles' or nn_stream's copy of W
+  thread_local std::vector<float> buf[4];  // slot 2 (AVX2): gemm_tiles' or nn_stream's copy of W
   if (buf[slot].size() < n) buf[slot].resize(n);
   return buf[slot].data();
 }
@@ -1928,9 +1929,9 @@ ffi::Error TrainAttentionQkvBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
 // recipe's step (768 rows, D 128, F 512) XLA spent ~35 ms of ~66 in the four MLPs and their
 // layer norms (shrinking F to 16 took the step to 31 ms), against ~5 ms of arithmetic: a dozen
 // small ops a layer, each a pass over memory with a thread hand-off. Here a task takes 48 rows
-// through the whole sublayer with the products held in registers (gemm_small), and the
-// backward pass gives dx plus dh = dL/d(norm(x) W1) and d(norm(x)); the weight gradients
-// (xn^T dh, g^T dy: products over all rows) are left to XLA, whose GEMM does them well.
+// through the whole sublayer with the products held in registers (gemm_small). The backward
+// pass gives dx row by row (dh = dL/d(norm(x) W1) and d(norm(x)) kept in scratch), then the
+// sums over all rows: the weight gradients xn^T dh and g^T dy and the norm's (over_rows).
 //   forward residuals: xhat (normalized, before scale/bias), xn = xhat * scale + bias,
 //   h = xn W1, g = act(h), rstd = 1 / sqrt(var + eps) per row.
 //   backward: dg = dy W2^T, dh = dg * act'(h), dxn = dh W1^T, dxhat = dxn * scale,
@@ -2060,6 +2061,59 @@ void mlp_bwd_task(const TrainMlp& d, const float* dy, const float* xhat, const f
   norm_rows_bwd(d, dxn, xhat, rstd, scale, dy, dx, r0, R);
 }
 
+// The backward calls' second phase: the gradients summed over all M rows, computed in the
+// call instead of by XLA (whose dots of these shapes, A^T B with K = 768, ran at ~97 GFLOP/s on
+// both Zen 3 cores and took ~13 of a ~45 ms Shakespeare step). Each weight's gradient
+// C [I, O] = A^T B (A [M, I], B [M, O]) is cut into blocks of kOverI x kOverO, one task each,
+// whose register tiles accumulate over kOverL rows at a time (the block's packed panel of B
+// and its lines of A stay in L1; over all 768 rows at once they streamed from L2). The norm's
+// dscale = sum(dxn * xhat) and dbias = sum(dxn) are tasks of 64 columns. Every sum runs in
+// a fixed order whatever thread takes it, so the gradients are the same from run to run.
+struct OverRows {
+  const float* a;
+  const float* b;
+  float* c;
+  int64_t I, O;
+};
+constexpr int64_t kOverL = 128, kOverI = 128, kOverO = 64;
+
+struct NormSums {
+  const float* dxn;
+  const float* xhat;
+  float* dscale;
+  float* dbias;
+};
+
+void over_rows(ffi::ThreadPool& pool, int64_t M, int64_t D, const std::vector<OverRows>& ps,
+               const NormSums& ns) {
+  std::vector<std::function<void()>> tasks;
+  for (const OverRows& p : ps) {
+    for (int64_t i0 = 0; i0 < p.I; i0 += kOverI) {
+      for (int64_t n0 = 0; n0 < p.O; n0 += kOverO) {
+        tasks.push_back([&p, M, i0, n0] {
+          const int64_t ni = std::min(kOverI, p.I - i0), nn = std::min(kOverO, p.O - n0);
+          for (int64_t l0 = 0; l0 < M; l0 += kOverL) {
+            gemm_small(p.a + l0 * p.I + i0, p.I, p.b + l0 * p.O + n0, p.O, p.c + i0 * p.O + n0,
+                       p.O, ni, std::min(kOverL, M - l0), nn, 1.0f, true, l0 > 0);
+          }
+        });
+      }
+    }
+  }
+  for (int64_t j0 = 0; j0 < D; j0 += 64) {
+    tasks.push_back([&ns, M, D, j0] {
+      const int64_t n = std::min<int64_t>(64, D - j0);
+      float s[64] = {}, b[64] = {};
+      for (int64_t r = 0; r < M; ++r) {
+        const float *dn = ns.dxn + r * D + j0, *xh = ns.xhat + r * D + j0;
+        for (int64_t j = 0; j < n; ++j) s[j] += dn[j] * xh[j], b[j] += dn[j];
+      }
+      std::copy(s, s + n, ns.dscale + j0), std::copy(b, b + n, ns.dbias + j0);
+    });
+  }
+  parallel_for(pool, tasks.size(), [&](int64_t t) { tasks[t](); });
+}
+
 // W^T [N, K] of each weight W [K, N] into the calling thread's scratch slot 1, 16 rows of W a
 // chunk over the pool. Why here: XLA's transposes of the weights for the backward pass were
 // separate ops of ~0.1-0.2 ms each in the step.
@@ -2119,30 +2173,38 @@ ffi::Error TrainMlpFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 ffi::Error TrainMlpBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                            ffi::Buffer<ffi::F32> xhat, ffi::Buffer<ffi::F32> rstd,
-                           ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> scale,
+                           ffi::Buffer<ffi::F32> xn, ffi::Buffer<ffi::F32> h,
+                           ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> scale,
                            ffi::Buffer<ffi::F32> w1, ffi::Buffer<ffi::F32> w2,
-                           ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dh,
-                           ffi::ResultBuffer<ffi::F32> dxn, bool rms, bool gelu) {
+                           ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw1,
+                           ffi::ResultBuffer<ffi::F32> dw2, ffi::ResultBuffer<ffi::F32> dscale,
+                           ffi::ResultBuffer<ffi::F32> dbias, bool rms, bool gelu) {
   auto xd = dy.dimensions(), w1d = w1.dimensions(), w2d = w2.dimensions();
   if (xd.size() != 2 || w1d.size() != 2 || w2d.size() != 2 || xhat.element_count() != dy.element_count() ||
-      w1d[0] != xd[1] || w2d[1] != xd[1] || w2d[0] != w1d[1] || rstd.element_count() != xd[0] ||
-      h.element_count() != xd[0] * w1d[1] || scale.element_count() != xd[1]) {
+      xn.element_count() != dy.element_count() || w1d[0] != xd[1] || w2d[1] != xd[1] ||
+      w2d[0] != w1d[1] || rstd.element_count() != xd[0] || h.element_count() != xd[0] * w1d[1] ||
+      g.element_count() != xd[0] * w1d[1] || scale.element_count() != xd[1]) {
     return ffi::Error::InvalidArgument("train_mlp backward: operand shapes do not match");
   }
   TrainMlp d{xd[0], xd[1], w1d[1], 0.0f, rms, gelu};
   const auto wt = transposed(pool, {w1.typed_data(), w2.typed_data()}, {{d.D, d.F}, {d.F, d.D}});
   const float *dyp = dy.typed_data(), *xhp = xhat.typed_data(), *rp = rstd.typed_data();
   const float *hp = h.typed_data(), *sp = scale.typed_data(), *w1p = wt[0], *w2p = wt[1];
-  float *dxp = dx->typed_data(), *dhp = dh->typed_data(), *dnp = dxn->typed_data();
+  float* dhp = scratch(d.M * (d.F + d.D), 3);  // dh [M, F], then dxn [M, D]
+  float *dxp = dx->typed_data(), *dnp = dhp + d.M * d.F;
   parallel_for(pool, (d.M + kMlpRows - 1) / kMlpRows, [=](int64_t task) {
     mlp_bwd_task(d, dyp, xhp, rp, hp, sp, w1p, w2p, dxp, dhp, dnp, task * kMlpRows);
   });
+  over_rows(pool, d.M, d.D,
+            {{xn.typed_data(), dhp, dw1->typed_data(), d.D, d.F},   // dW1 = xn^T dh
+             {g.typed_data(), dyp, dw2->typed_data(), d.F, d.D}},   // dW2 = g^T dy
+            {dnp, xhp, dscale->typed_data(), dbias->typed_data()});
   return ffi::Error::Success();
 }
 
 // y = norm(x) W (the q/k/v projections of a pre-norm block's attention half, W = [Wq Wk Wv]):
-// the MLP's first half alone; the backward gives dx and dxn (XLA does xn^T dy and the norm's
-// parameter gradients).
+// the MLP's first half alone; the backward gives dx, then xn^T dy and the norm's parameter
+// gradients (over_rows).
 ffi::Error NormDenseFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
                             ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
@@ -2168,23 +2230,27 @@ ffi::Error NormDenseFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 ffi::Error NormDenseBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                             ffi::Buffer<ffi::F32> xhat, ffi::Buffer<ffi::F32> rstd,
-                            ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> w,
-                            ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dxn,
-                            bool rms) {
+                            ffi::Buffer<ffi::F32> xn, ffi::Buffer<ffi::F32> scale,
+                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
+                            ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> dscale,
+                            ffi::ResultBuffer<ffi::F32> dbias, bool rms) {
   auto yd = dy.dimensions(), hd = xhat.dimensions(), wd = w.dimensions();
   if (yd.size() != 2 || hd.size() != 2 || wd.size() != 2 || hd[0] != yd[0] || wd[1] != yd[1] ||
-      wd[0] != hd[1] || rstd.element_count() != yd[0] || scale.element_count() != hd[1]) {
+      wd[0] != hd[1] || rstd.element_count() != yd[0] || scale.element_count() != hd[1] ||
+      xn.element_count() != xhat.element_count()) {
     return ffi::Error::InvalidArgument("norm_dense backward: operand shapes do not match");
   }
   TrainMlp d{yd[0], hd[1], yd[1], 0.0f, rms, false};
   const float *xhp = xhat.typed_data(), *rp = rstd.typed_data(), *sp = scale.typed_data();
   const float *wp = transposed(pool, {w.typed_data()}, {{d.D, d.F}})[0], *dyp = dy.typed_data();
-  float *dxp = dx->typed_data(), *dnp = dxn->typed_data();
+  float *dxp = dx->typed_data(), *dnp = scratch(d.M * d.D, 3);  // dxn [M, D]
   parallel_for(pool, (d.M + kMlpRows - 1) / kMlpRows, [=](int64_t task) {
     const int64_t r0 = task * kMlpRows, R = std::min(kMlpRows, d.M - r0);
     gemm_small(dyp + r0 * d.F, d.F, wp, d.D, dnp + r0 * d.D, d.D, R, d.F, d.D, 1.0f);  // dy W^T
     norm_rows_bwd(d, dnp, xhp, rp, sp, nullptr, dxp, r0, R);
   });
+  over_rows(pool, d.M, d.D, {{xn.typed_data(), dyp, dw->typed_data(), d.D, d.F}},  // xn^T dy
+            {dnp, xhp, dscale->typed_data(), dbias->typed_data()});
   return ffi::Error::Success();
 }
 
@@ -2306,13 +2372,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmTrainMlpBwd, TrainMlpBwdImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dy [M, D]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // xhat
                                   .Arg<ffi::Buffer<ffi::F32>>()  // rstd
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xn
                                   .Arg<ffi::Buffer<ffi::F32>>()  // h
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g = act(h)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // norm scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // W1 [D, F]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // W2 [F, D]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dh
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dxn
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dW1
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dW2
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dscale
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dbias
                                   .Attr<bool>("rms")
                                   .Attr<bool>("gelu"));
 
@@ -2336,8 +2406,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmNormDenseBwd, NormDenseBwdImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dy [M, N]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // xhat [M, D]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // rstd
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xn
                                   .Arg<ffi::Buffer<ffi::F32>>()  // norm scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // W [D, N]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dxn
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dW
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dscale
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dbias
                                   .Attr<bool>("rms"));
