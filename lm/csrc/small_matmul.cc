@@ -2040,24 +2040,163 @@ void norm_rows_bwd(const TrainMlp& d, const float* dxn, const float* xhat, const
   }
 }
 
+// AVX2's tiles for the training products: 4 rows x 24 columns (12 ymm accumulators, 3 panel
+// loads and a broadcast: all 16 registers; each panel row loaded feeds 12 FMAs), as the
+// decoding kernel's packed_tile, over 24-column panels packed once per call (pack24). Why:
+// gemm_tiles' AVX2 form (2 rows x 32 columns: 8 accumulators, each panel row feeding 8 FMAs
+// at 6 loads) packed its panels of the weights again in every task.
+constexpr int64_t kPanel = 24;
+
+// out[R, :width] (+)= alpha * A[R, L] @ P for one panel P ([L][kPanel], zero past width; NV =
+// ceil(width / 8) vectors of it are read). A(r, l) is a[r * lda + l], or with TA a[l * lda + r].
+template <int R, int NV, bool TA>
+void tile24(const float* a, int64_t lda, int64_t L, const float* p, float* c, int64_t ldc,
+            int64_t width, float alpha, bool accumulate) {
+  __m256 acc[R][NV];
+  _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 3") for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_setzero_ps();
+  auto step = [&](int64_t l) __attribute__((always_inline)) {
+    __m256 b[NV];
+    _Pragma("GCC unroll 3") for (int j = 0; j < NV; ++j) b[j] = _mm256_loadu_ps(p + l * kPanel + 8 * j);
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) {
+      const __m256 x = _mm256_broadcast_ss(TA ? a + l * lda + r : a + r * lda + l);
+      _Pragma("GCC unroll 3") for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_fmadd_ps(x, b[j], acc[r][j]);
+    }
+  };
+  _Pragma("GCC unroll 4") for (int64_t l = 0; l < L; ++l) step(l);
+  const __m256 al = _mm256_set1_ps(alpha);
+  _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) {
+    _Pragma("GCC unroll 3") for (int j = 0; j < NV; ++j) {
+      float* cp = c + r * ldc + 8 * j;
+      const int64_t n = width - 8 * j;
+      __m256 y = _mm256_mul_ps(acc[r][j], al);
+      if (n >= 8) {
+        if (accumulate) y = _mm256_add_ps(y, _mm256_loadu_ps(cp));
+        _mm256_storeu_ps(cp, y);
+      } else if (n > 0) {
+        const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        if (accumulate) y = _mm256_add_ps(y, _mm256_maskload_ps(cp, m));
+        _mm256_maskstore_ps(cp, m, y);
+      }
+    }
+  }
+}
+
+// C[M, N] (+)= alpha * A[M, L] @ B for B packed by pack24; panels outside, row tiles inside
+// (a panel, 12 KB at L = 128, stays in L1 while the tiles pass over it).
+template <bool TA>
+void gemm24(const float* a, int64_t lda, const float* panels, int64_t L, int64_t N, float* c,
+            int64_t ldc, int64_t M, float alpha = 1.0f, bool accumulate = false) {
+  for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
+    const int64_t w = std::min(kPanel, N - n0);
+    const float* p = panels + n0 * L;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const float* am = TA ? a + m0 : a + m0 * lda;
+      float* cm = c + m0 * ldc + n0;
+      with_rows<4>(M - m0, [&](auto R) {
+        if (w > 16) tile24<R, 3, TA>(am, lda, L, p, cm, ldc, w, alpha, accumulate);
+        else if (w > 8) tile24<R, 2, TA>(am, lda, L, p, cm, ldc, w, alpha, accumulate);
+        else tile24<R, 1, TA>(am, lda, L, p, cm, ldc, w, alpha, accumulate);
+      });
+    }
+  }
+}
+
+// Panels [j0, j1) of B [L, N] as gemm24 reads them: panel j (columns 24j..) at dst + 24 j L,
+// [L][24], zero past N. B(l, n) = b[l * ldb + n], or with bt (B given transposed) b[n * ldb + l].
+void pack24(const float* b, int64_t ldb, bool bt, int64_t L, int64_t N, int64_t j0, int64_t j1,
+            float* dst) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t n0 = j * kPanel, w = std::min(kPanel, N - n0);
+    float* d = dst + n0 * L;
+    if (w < kPanel) std::fill(d, d + L * kPanel, 0.0f);
+    if (bt) {
+      for (int64_t c = 0; c < w; ++c) {
+        const float* src = b + (n0 + c) * ldb;
+        for (int64_t l = 0; l < L; ++l) d[l * kPanel + c] = src[l];
+      }
+    } else {
+      for (int64_t l = 0; l < L; ++l) std::copy(b + l * ldb + n0, b + l * ldb + n0 + w, d + l * kPanel);
+    }
+  }
+}
+
+inline int64_t panels24(int64_t N) { return (N + kPanel - 1) / kPanel; }
+
+// A weight of a training call as its products read it, prepared once per call: on AVX-512
+// W [L, N] row-major (read in place; the backward's W^T a copy), on AVX2 24-column panels
+// (pack24). Copies go to the calling thread's scratch slot 1, cut over the pool (16 rows or
+// one panel a chunk). Why here: XLA's transposes of the weights for the backward pass were
+// separate ops of ~0.1-0.2 ms each in the step.
+struct Weight {
+  const float* p;
+  int64_t L, N;
+};
+
+// Each (W [K, N], K, N, transposed) as the right operand of x @ W (L = K) or x @ W^T (L = N).
+std::vector<Weight> prepare(ffi::ThreadPool& pool,
+                            const std::vector<std::tuple<const float*, int64_t, int64_t, bool>>& ws) {
+  std::vector<Weight> out;
+  size_t total = 0;
+  std::vector<int64_t> first_chunk;  // running count of chunks
+  int64_t chunks = 0;
+  for (auto [w, k, n, t] : ws) {
+    const int64_t L = t ? n : k, N = t ? k : n;
+    const bool copy = !v::kAvx512 || t;
+    out.push_back({copy ? nullptr : w, L, N});
+    first_chunk.push_back(chunks);
+    if (copy) {
+      total += v::kAvx512 ? L * N : panels24(N) * kPanel * L;
+      chunks += v::kAvx512 ? (k + 15) / 16 : panels24(N);
+    }
+  }
+  float* buf = scratch(total, 1);
+  for (Weight& w : out) {
+    if (!w.p) w.p = buf, buf += v::kAvx512 ? w.L * w.N : panels24(w.N) * kPanel * w.L;
+  }
+  parallel_for(pool, chunks, [&](int64_t c) {
+    size_t i = std::upper_bound(first_chunk.begin(), first_chunk.end(), c) - first_chunk.begin() - 1;
+    const auto [w, k, n, t] = ws[i];
+    float* dst = const_cast<float*>(out[i].p);
+    const int64_t j = c - first_chunk[i];
+    if constexpr (v::kAvx512) {
+      const int64_t r0 = j * 16, rows = std::min<int64_t>(16, k - r0);
+      transpose(w + r0 * n, n, dst + r0, k, rows, n);
+    } else {
+      pack24(w, n, t, out[i].L, out[i].N, j, j + 1, dst);
+    }
+  });
+  return out;
+}
+
+// c[M, w.N] = a[M, w.L] @ w (row stride lda).
+inline void gemm_w(const float* a, int64_t lda, const Weight& w, float* c, int64_t ldc, int64_t M) {
+  if constexpr (v::kAvx512) {
+    gemm_small(a, lda, w.p, w.N, c, ldc, M, w.L, w.N, 1.0f);
+  } else {
+    gemm24<false>(a, lda, w.p, w.L, w.N, c, ldc, M);
+  }
+}
+
 void mlp_fwd_task(const TrainMlp& d, const float* x, const float* scale, const float* bias,
-                  const float* w1, const float* w2, float* y, float* xhat, float* xn, float* h,
+                  const Weight& w1, const Weight& w2, float* y, float* xhat, float* xn, float* h,
                   float* g, float* rstd, int64_t r0) {
   const int64_t R = std::min(kMlpRows, d.M - r0), D = d.D, F = d.F;
   norm_rows(d, x, scale, bias, xhat, xn, rstd, r0, R);
-  gemm_small(xn + r0 * D, D, w1, F, h + r0 * F, F, R, D, F, 1.0f);
+  gemm_w(xn + r0 * D, D, w1, h + r0 * F, F, R);
   act_fwd(h + r0 * F, g + r0 * F, R * F, d.gelu);
-  gemm_small(g + r0 * F, F, w2, D, y + r0 * D, D, R, F, D, 1.0f);
+  gemm_w(g + r0 * F, F, w2, y + r0 * D, D, R);
   for (int64_t i = r0 * D; i < (r0 + R) * D; ++i) y[i] += x[i];
 }
 
 void mlp_bwd_task(const TrainMlp& d, const float* dy, const float* xhat, const float* rstd,
-                  const float* h, const float* scale, const float* w1t, const float* w2t,
+                  const float* h, const float* scale, const Weight& w1t, const Weight& w2t,
                   float* dx, float* dh, float* dxn, int64_t r0) {
   const int64_t R = std::min(kMlpRows, d.M - r0), D = d.D, F = d.F;
-  gemm_small(dy + r0 * D, D, w2t, F, dh + r0 * F, F, R, D, F, 1.0f);  // dg = dy W2^T
+  gemm_w(dy + r0 * D, D, w2t, dh + r0 * F, F, R);  // dg = dy W2^T
   act_bwd(h + r0 * F, dh + r0 * F, R * F, d.gelu);
-  gemm_small(dh + r0 * F, F, w1t, D, dxn + r0 * D, D, R, F, D, 1.0f);  // dxn = dh W1^T
+  gemm_w(dh + r0 * F, F, w1t, dxn + r0 * D, D, R);  // dxn = dh W1^T
   norm_rows_bwd(d, dxn, xhat, rstd, scale, dy, dx, r0, R);
 }
 
@@ -2075,7 +2214,7 @@ struct OverRows {
   float* c;
   int64_t I, O;
 };
-constexpr int64_t kOverL = 128, kOverI = 128, kOverO = 64;
+constexpr int64_t kOverL = 128, kOverI = 128, kOverO = v::kAvx512 ? 64 : 4 * kPanel;
 
 struct NormSums {
   const float* dxn;
@@ -2093,8 +2232,16 @@ void over_rows(ffi::ThreadPool& pool, int64_t M, int64_t D, const std::vector<Ov
         tasks.push_back([&p, M, i0, n0] {
           const int64_t ni = std::min(kOverI, p.I - i0), nn = std::min(kOverO, p.O - n0);
           for (int64_t l0 = 0; l0 < M; l0 += kOverL) {
-            gemm_small(p.a + l0 * p.I + i0, p.I, p.b + l0 * p.O + n0, p.O, p.c + i0 * p.O + n0,
-                       p.O, ni, std::min(kOverL, M - l0), nn, 1.0f, true, l0 > 0);
+            const int64_t L = std::min(kOverL, M - l0);
+            const float *a = p.a + l0 * p.I + i0, *b = p.b + l0 * p.O + n0;
+            float* c = p.c + i0 * p.O + n0;
+            if constexpr (v::kAvx512) {
+              gemm_small(a, p.I, b, p.O, c, p.O, ni, L, nn, 1.0f, true, l0 > 0);
+            } else {
+              float* panels = scratch(panels24(nn) * kPanel * L, 2);
+              pack24(b, p.O, false, L, nn, 0, panels24(nn), panels);
+              gemm24<true>(a, p.I, panels, L, nn, c, p.O, ni, 1.0f, l0 > 0);
+            }
           }
         });
       }
@@ -2112,28 +2259,6 @@ void over_rows(ffi::ThreadPool& pool, int64_t M, int64_t D, const std::vector<Ov
     });
   }
   parallel_for(pool, tasks.size(), [&](int64_t t) { tasks[t](); });
-}
-
-// W^T [N, K] of each weight W [K, N] into the calling thread's scratch slot 1, 16 rows of W a
-// chunk over the pool. Why here: XLA's transposes of the weights for the backward pass were
-// separate ops of ~0.1-0.2 ms each in the step.
-std::vector<const float*> transposed(ffi::ThreadPool& pool, const std::vector<const float*>& ws,
-                                     const std::vector<std::pair<int64_t, int64_t>>& shapes) {
-  size_t total = 0;
-  std::vector<int64_t> first_chunk;  // running count of 16-row chunks
-  int64_t chunks = 0;
-  for (auto [k, n] : shapes) total += k * n, first_chunk.push_back(chunks), chunks += (k + 15) / 16;
-  float* buf = scratch(total, 1);
-  std::vector<const float*> out;
-  std::vector<float*> dst;
-  for (auto [k, n] : shapes) out.push_back(buf), dst.push_back(buf), buf += k * n;
-  parallel_for(pool, chunks, [&](int64_t c) {
-    size_t i = std::upper_bound(first_chunk.begin(), first_chunk.end(), c) - first_chunk.begin() - 1;
-    const auto [k, n] = shapes[i];
-    const int64_t r0 = (c - first_chunk[i]) * 16, rows = std::min<int64_t>(16, k - r0);
-    transpose(ws[i] + r0 * n, n, dst[i] + r0, k, rows, n);
-  });
-  return out;
 }
 
 ffi::Error mlp_shapes(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& scale,
@@ -2162,11 +2287,11 @@ ffi::Error TrainMlpFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (auto e = mlp_shapes(x, scale, bias, w1, w2, &d); e.failure()) return e;
   d.eps = eps, d.rms = rms, d.gelu = gelu;
   const float *xp = x.typed_data(), *sp = scale.typed_data(), *bp = bias.typed_data();
-  const float *w1p = w1.typed_data(), *w2p = w2.typed_data();
+  const auto ws = prepare(pool, {{w1.typed_data(), d.D, d.F, false}, {w2.typed_data(), d.F, d.D, false}});
   float *yp = y->typed_data(), *xhp = xhat->typed_data(), *xnp = xn->typed_data();
   float *hp = h->typed_data(), *gp = g->typed_data(), *rp = rstd->typed_data();
-  parallel_for(pool, (d.M + kMlpRows - 1) / kMlpRows, [=](int64_t task) {
-    mlp_fwd_task(d, xp, sp, bp, w1p, w2p, yp, xhp, xnp, hp, gp, rp, task * kMlpRows);
+  parallel_for(pool, (d.M + kMlpRows - 1) / kMlpRows, [&](int64_t task) {
+    mlp_fwd_task(d, xp, sp, bp, ws[0], ws[1], yp, xhp, xnp, hp, gp, rp, task * kMlpRows);
   });
   return ffi::Error::Success();
 }
@@ -2187,13 +2312,13 @@ ffi::Error TrainMlpBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
     return ffi::Error::InvalidArgument("train_mlp backward: operand shapes do not match");
   }
   TrainMlp d{xd[0], xd[1], w1d[1], 0.0f, rms, gelu};
-  const auto wt = transposed(pool, {w1.typed_data(), w2.typed_data()}, {{d.D, d.F}, {d.F, d.D}});
+  const auto wt = prepare(pool, {{w1.typed_data(), d.D, d.F, true}, {w2.typed_data(), d.F, d.D, true}});
   const float *dyp = dy.typed_data(), *xhp = xhat.typed_data(), *rp = rstd.typed_data();
-  const float *hp = h.typed_data(), *sp = scale.typed_data(), *w1p = wt[0], *w2p = wt[1];
+  const float *hp = h.typed_data(), *sp = scale.typed_data();
   float* dhp = scratch(d.M * (d.F + d.D), 3);  // dh [M, F], then dxn [M, D]
   float *dxp = dx->typed_data(), *dnp = dhp + d.M * d.F;
-  parallel_for(pool, (d.M + kMlpRows - 1) / kMlpRows, [=](int64_t task) {
-    mlp_bwd_task(d, dyp, xhp, rp, hp, sp, w1p, w2p, dxp, dhp, dnp, task * kMlpRows);
+  parallel_for(pool, (d.M + kMlpRows - 1) / kMlpRows, [&](int64_t task) {
+    mlp_bwd_task(d, dyp, xhp, rp, hp, sp, wt[0], wt[1], dxp, dhp, dnp, task * kMlpRows);
   });
   over_rows(pool, d.M, d.D,
             {{xn.typed_data(), dhp, dw1->typed_data(), d.D, d.F},   // dW1 = xn^T dh
@@ -2217,13 +2342,13 @@ ffi::Error NormDenseFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   }
   TrainMlp d{xd[0], xd[1], wd[1], eps, rms, false};
   const float *xp = x.typed_data(), *sp = scale.typed_data(), *bp = bias.typed_data();
-  const float* wp = w.typed_data();
+  const Weight wp = prepare(pool, {{w.typed_data(), d.D, d.F, false}})[0];
   float *yp = y->typed_data(), *xhp = xhat->typed_data(), *xnp = xn->typed_data();
   float* rp = rstd->typed_data();
-  parallel_for(pool, (d.M + kMlpRows - 1) / kMlpRows, [=](int64_t task) {
+  parallel_for(pool, (d.M + kMlpRows - 1) / kMlpRows, [&](int64_t task) {
     const int64_t r0 = task * kMlpRows, R = std::min(kMlpRows, d.M - r0);
     norm_rows(d, xp, sp, bp, xhp, xnp, rp, r0, R);
-    gemm_small(xnp + r0 * d.D, d.D, wp, d.F, yp + r0 * d.F, d.F, R, d.D, d.F, 1.0f);
+    gemm_w(xnp + r0 * d.D, d.D, wp, yp + r0 * d.F, d.F, R);
   });
   return ffi::Error::Success();
 }
@@ -2242,11 +2367,12 @@ ffi::Error NormDenseBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   }
   TrainMlp d{yd[0], hd[1], yd[1], 0.0f, rms, false};
   const float *xhp = xhat.typed_data(), *rp = rstd.typed_data(), *sp = scale.typed_data();
-  const float *wp = transposed(pool, {w.typed_data()}, {{d.D, d.F}})[0], *dyp = dy.typed_data();
+  const Weight wt = prepare(pool, {{w.typed_data(), d.D, d.F, true}})[0];
+  const float* dyp = dy.typed_data();
   float *dxp = dx->typed_data(), *dnp = scratch(d.M * d.D, 3);  // dxn [M, D]
-  parallel_for(pool, (d.M + kMlpRows - 1) / kMlpRows, [=](int64_t task) {
+  parallel_for(pool, (d.M + kMlpRows - 1) / kMlpRows, [&](int64_t task) {
     const int64_t r0 = task * kMlpRows, R = std::min(kMlpRows, d.M - r0);
-    gemm_small(dyp + r0 * d.F, d.F, wp, d.D, dnp + r0 * d.D, d.D, R, d.F, d.D, 1.0f);  // dy W^T
+    gemm_w(dyp + r0 * d.F, d.F, wt, dnp + r0 * d.D, d.D, R);  // dy W^T
     norm_rows_bwd(d, dnp, xhp, rp, sp, nullptr, dxp, r0, R);
   });
   over_rows(pool, d.M, d.D, {{xn.typed_data(), dyp, dw->typed_data(), d.D, d.F}},  // xn^T dy
