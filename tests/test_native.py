@@ -557,6 +557,25 @@ def test_train_mlp_and_its_gradient_equal_xla(shape, d, f, norm, act):
 
 
 @needs_kernel
+def test_train_block_gradients_are_bitwise_repeatable():
+    """The backward calls sum the weight and norm gradients over all rows in a fixed order,
+    whichever thread takes which block: a training run repeats exactly."""
+    x, scale, bias, w1, w2, kc = _block_operands((12, 64), 128, 512, "layernorm", 3)
+    ct = jax.random.normal(kc, x.shape)
+
+    def loss(x, s, b, w1, w2):
+        y = native.train_mlp(x, s, b, w1, w2, "layernorm", "gelu_tanh", 1e-5)
+        return jnp.sum(native.train_norm_dense(y, s, b, w1, "layernorm", 1e-5)[..., :128] * ct)
+
+    grad = jax.jit(jax.grad(loss, (0, 1, 2, 3, 4)))
+    first = [np.asarray(g) for g in grad(x, scale, bias, w1, w2)]
+    for _ in range(5):
+        again = grad(x, scale, bias, w1, w2)
+        for a, b in zip(first, again, strict=True):
+            np.testing.assert_array_equal(a, np.asarray(b))
+
+
+@needs_kernel
 @pytest.mark.parametrize("shape,d,n,norm", [((12, 64), 128, 384, "layernorm"),
                                             ((5, 7), 40, 72, "rmsnorm"),
                                             ((3, 50), 33, 100, "layernorm")])  # fmt: skip
