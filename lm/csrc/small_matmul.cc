@@ -235,11 +235,12 @@ class Linger {
 
 // A thread's scratch of at least n floats, kept between calls, for every task's buffers: the
 // training-attention backward pass's (~140 KB) are past malloc's mmap threshold, and mapping
-// and unmapping them for every task cost more than the task's arithmetic. Slot 1 holds a
-// call's transposed weights (on the calling thread) while its tasks use slot 0; slot 3 (on
-// the calling thread) a training backward call's intermediates, which every task reads.
+// and unmapping them for every task cost more than the task's arithmetic. On the calling
+// thread, slot 1 holds a call's prepared weights (prepare) or a gated call's two products, and
+// slot 3 a training backward call's intermediates, which every task reads; tasks use slot 0
+// and slot 2 (AVX2: gemm_tiles', nn_stream's or over_rows' copies of operands).
 float* scratch(size_t n, int slot = 0) {
-  thread_local std::vector<float> buf[4];  // slot 2 (AVX2): gemm_tiles' or nn_stream's copy of W
+  thread_local std::vector<float> buf[4];
   if (buf[slot].size() < n) buf[slot].resize(n);
   return buf[slot].data();
 }
@@ -1928,8 +1929,9 @@ ffi::Error TrainAttentionQkvBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
 // bias); act: GELU's tanh form (Hendrycks & Gimpel 2016) or ReLU. Why: in the Shakespeare
 // recipe's step (768 rows, D 128, F 512) XLA spent ~35 ms of ~66 in the four MLPs and their
 // layer norms (shrinking F to 16 took the step to 31 ms), against ~5 ms of arithmetic: a dozen
-// small ops a layer, each a pass over memory with a thread hand-off. Here a task takes 48 rows
-// through the whole sublayer with the products held in registers (gemm_small). The backward
+// small ops a layer, each a pass over memory with a thread hand-off. Here a task takes
+// kMlpRows rows through the whole sublayer with the products held in registers (gemm_w, on
+// weights prepared once a call: prepare). The backward
 // pass gives dx row by row (dh = dL/d(norm(x) W1) and d(norm(x)) kept in scratch), then the
 // sums over all rows: the weight gradients xn^T dh and g^T dy and the norm's (over_rows).
 //   forward residuals: xhat (normalized, before scale/bias), xn = xhat * scale + bias,
