@@ -38,6 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dtype = "float32"  # "float32" | "bfloat16" (weights and activations, f32 accumulation)
     c.max_len = 0  # context limit, prompt + new tokens (0: the model's max_len)
     c.truncate = False  # cut over-long prompts from the left instead of failing
+    # Past the context: each new token from the last max_len tokens (a sliding window, as
+    # nanoGPT's sample.py; a forward pass over the window per token, no KV cache).
+    c.slide = False
     c.batch_size = 8  # prompts per compiled batch
     # XLA's persistent compilation cache: a second run with the same shapes skips compiling.
     c.compilation_cache = "~/.cache/lm/xla"  # jax's persistent cache (lm.xla_cache); "": off

@@ -3,7 +3,7 @@ r"""A baby GPT trained from scratch on tiny Shakespeare, character level (nanoGP
     python scripts/finetune.py --config=configs/shakespeare_char.py --workdir=runs/shakespeare
     python scripts/decode.py --config=configs/decode.py --config.model=runs/shakespeare \
         --config.prompt="ROMEO:" --config.sampling=sample --config.temperature=0.8 \
-        --config.max_new_tokens=58  # the context is 64 characters, prompt included
+        --config.max_new_tokens=500 --config.slide=True  # past the 64-character context
     python scripts/finetune.py --config=configs/shakespeare_char.py:smoke --workdir=runs/shakes_smoke
 
 nanoGPT's "I only have a macbook" command (config/train_shakespeare_char.py with

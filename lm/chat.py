@@ -129,6 +129,7 @@ class TextDecoder:
     system: str = ""
     context: int = 0
     truncate: bool = False
+    slide: bool = False
     batch_size: int = 8
 
     @classmethod
@@ -151,6 +152,7 @@ class TextDecoder:
             eos_ids=self.eos_ids,
             context=self.context,
             truncate=self.truncate,
+            slide=self.slide,
         )
 
     def encode(self, text: str, where: str = "prompt", history=()) -> list[int]:
@@ -302,5 +304,6 @@ def settings_from_config(config) -> tuple[Strategy, dict]:
         system=config.system,
         context=int(config.max_len),
         truncate=bool(config.truncate),
+        slide=bool(config.get("slide", False)),
         batch_size=int(config.batch_size),
     )

@@ -268,6 +268,57 @@ def _loop(params, state, eos_ids, stop_at, *, cfg, strategy):
     return jax.lax.while_loop(cond, body, state)
 
 
+# Past the context: a sliding window (as nanoGPT's sample.py crops its input). Each new token
+# comes from a forward pass over the last W tokens of its row (positions 0..W-1, left-padded
+# while the row is shorter), so a learned-position model can write past its max_len; no KV
+# cache carries over, since every position moves each step. Costs a W-token forward per token.
+
+
+def _window_step(cfg, params, win, wmask, keys, step, strategy):
+    """The next token of each row of the window win/wmask [B, W], and the window moved on."""
+    b, w = win.shape
+    cache = init_cache(cfg, b, w)
+    cache["index"] = 0  # static: an empty cache, filled by this pass alone
+    positions = jnp.maximum(jnp.cumsum(wmask, axis=1) - 1, 0).astype(jnp.int32)
+    h, _ = _trunk(cfg, params, win, wmask, positions, cache, last_only=True)
+    token = choose(_lm_head(cfg, params, h[:, -1]), strategy, _row_keys(keys, step))
+    win = jnp.concatenate([win[:, 1:], token[:, None]], axis=1)
+    wmask = jnp.concatenate([wmask[:, 1:], jnp.ones((b, 1), wmask.dtype)], axis=1)
+    return token, win, wmask
+
+
+def _slide_prefill(params, tokens, mask, keys, eos_ids, *, cfg, strategy, out_len):
+    """_prefill's state for the sliding window: the window [B, W] in place of the cache."""
+    b = tokens.shape[0]
+    token, win, wmask = _window_step(cfg, params, tokens, mask, keys, jnp.int32(0), strategy)
+    return {
+        "win": win,
+        "wmask": wmask,
+        "token": token,
+        "done": jnp.isin(token, eos_ids),
+        "out": jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(token),
+        "step": jnp.ones((), jnp.int32),
+        "keys": keys,
+    }
+
+
+def _slide_loop(params, state, eos_ids, stop_at, *, cfg, strategy):
+    """_loop on the sliding window."""
+
+    def cond(s):
+        return (s["step"] < stop_at) & ~jnp.all(s["done"])
+
+    def body(s):
+        token, win, wmask = _window_step(
+            cfg, params, s["win"], s["wmask"], s["keys"], s["step"], strategy
+        )
+        out = jax.lax.dynamic_update_slice(s["out"], token[:, None], (0, s["step"]))
+        done = s["done"] | jnp.isin(token, eos_ids)
+        return dict(s, win=win, wmask=wmask, token=token, done=done, out=out, step=s["step"] + 1)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
 # Compiled programs, keyed by everything that shapes them. Compile once per bucket.
 _COMPILED: dict = {}
 
@@ -304,26 +355,34 @@ def length_bucket(n: int) -> int:
 
 
 def check_request(
-    prompts: Sequence[Sequence[int]], max_new_tokens: int, context: int, truncate: bool
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    context: int,
+    truncate: bool,
+    slide: bool = False,
 ) -> list[tuple[list[int], int]]:
     """Validated prompts, left-truncated when allowed: a list of (ids, tokens cut).
 
+    With ``slide`` (generation past the context on a sliding window) any max_new_tokens fits,
+    and a prompt longer than the context keeps its last ``context`` tokens.
+
     Raises:
         DecodeError: for max_new_tokens < 1, an empty prompt, or a prompt that leaves no room
-            for max_new_tokens within the context (unless ``truncate``).
+            for max_new_tokens within the context (unless ``truncate`` or ``slide``).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer):
         raise DecodeError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     if max_new_tokens < 1:
         raise DecodeError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if max_new_tokens >= context:
+    if not slide and max_new_tokens >= context:
         raise DecodeError(
             f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
-            f"context of {context} tokens; use max_new_tokens < {context}"
+            f"context of {context} tokens; use max_new_tokens < {context}, or generate on a "
+            "sliding window (slide=True)"
         )
     if not prompts:
         raise DecodeError("no prompts given")
-    room = context - max_new_tokens
+    room = context if slide else context - max_new_tokens
     result = []
     for i, ids in enumerate(prompts):
         ids = [int(t) for t in ids]
@@ -331,7 +390,7 @@ def check_request(
             raise DecodeError(f"prompt {i} is empty (0 tokens); give at least one token")
         cut = 0
         if len(ids) > room:
-            if not truncate:
+            if not (truncate or slide):
                 raise DecodeError(
                     f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
                     f"at most {room} fit the context of {context} tokens. Shorten the prompt, "
@@ -390,6 +449,7 @@ def generate(
     should_stop: Callable[[int, list[int]], bool] | None = None,
     on_tokens: Callable[[int, list[int]], None] | None = None,
     chunk: int = 0,
+    slide: bool = False,
 ) -> list[Generation]:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
 
@@ -410,6 +470,11 @@ def generate(
             since the last call (streaming).
         chunk: tokens per compiled call (0: 1 when streaming, 16 with ``should_stop``, else
             the whole budget in one call).
+        slide: let prompt + max_new_tokens run past the context: a batch that would is
+            generated on a sliding window of the last ``context`` tokens, each new token from a
+            forward pass over them (as nanoGPT's sample.py; no KV cache, so a token costs a
+            ``context``-token forward pass). A prompt longer than the context keeps its last
+            ``context`` tokens. Batches that fit decode through the KV cache as without it.
 
     Returns:
         One Generation per prompt, in input order.
@@ -423,7 +488,7 @@ def generate(
     context = int(context or cfg.max_len)
     if cfg.positions == "learned" and context > cfg.max_len:
         raise DecodeError(f"context={context} exceeds the model's {cfg.max_len} learned positions")
-    checked = check_request(prompts, max_new_tokens, context, truncate)
+    checked = check_request(prompts, max_new_tokens, context, truncate, slide)
     _check_vocab(cfg, checked)
     if not chunk:
         chunk = 1 if on_tokens else (16 if should_stop else max_new_tokens)
@@ -436,9 +501,11 @@ def generate(
     results: list[Generation | None] = [None] * len(checked)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
+        ids = [checked[i][0] for i in rows]
+        window = context if slide and max(map(len, ids)) + max_new_tokens > context else 0
         gens = _generate_batch(
-            cfg, params, [checked[i][0] for i in rows], rows, max_new_tokens, strategy,
-            base_key, eos, batch_size, should_stop, on_tokens, chunk,
+            cfg, params, ids, rows, max_new_tokens, strategy,
+            base_key, eos, batch_size, should_stop, on_tokens, chunk, window,
         )  # fmt: skip
         for i, g in zip(rows, gens):
             g.truncated = checked[i][1]
@@ -448,8 +515,10 @@ def generate(
 
 def _generate_batch(
     cfg, params, rows, row_ids, max_new, strategy, base_key, eos, batch_size, should_stop,
-    on_tokens, chunk,
+    on_tokens, chunk, window=0,
 ) -> list[Generation]:  # fmt: skip
+    """One compiled batch: prefill and the chunked loop (window > 0: on a sliding window of
+    that many tokens instead of the KV cache)."""
     n = len(rows)
     # Fixed batch shape per session (the last partial batch is padded with copies). Without
     # lm.native, bfloat16 needs >= 2 rows for XLA's faster matmul path (PERF-NOTES: its bf16
@@ -457,7 +526,7 @@ def _generate_batch(
     slow_bf16 = cfg.dtype == "bfloat16" and cfg.matmul_impl != "native"
     b = max(batch_size, 2 if slow_bf16 else 1)
     padded = rows + [rows[-1]] * (b - n)
-    p = length_bucket(max(len(r) for r in padded))
+    p = window or length_bucket(max(len(r) for r in padded))
     out_len = -(-max_new // 32) * 32
     tokens, mask = _left_pad(padded, p, pad_id=0)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
@@ -465,15 +534,21 @@ def _generate_batch(
     )
     static = dict(cfg=cfg, strategy=strategy)
     args = (params, jnp.asarray(tokens), jnp.asarray(mask), keys, eos)
-    prefill, c1 = _compiled(
-        "prefill", _prefill, args, dict(static, cache_len=p + out_len, out_len=out_len)
-    )
+    if window:
+        prefill, c1 = _compiled(
+            "slide_prefill", _slide_prefill, args, dict(static, out_len=out_len)
+        )
+    else:
+        prefill, c1 = _compiled(
+            "prefill", _prefill, args, dict(static, cache_len=p + out_len, out_len=out_len)
+        )
     t0 = time.perf_counter()
     state = prefill(*args)
     state["token"].block_until_ready()
     t_prefill = time.perf_counter() - t0
     loop_args = (params, state, eos, jnp.int32(0))
-    loop, c2 = _compiled("loop", _loop, loop_args, static, donate=(1,))
+    kind, loop_fn = ("slide_loop", _slide_loop) if window else ("loop", _loop)
+    loop, c2 = _compiled(kind, loop_fn, loop_args, static, donate=(1,))
 
     t0 = time.perf_counter()
     step, done_host = 1, np.zeros(b, bool)

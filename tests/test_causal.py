@@ -15,6 +15,7 @@ from conftest import one_device_env
 
 from lm import lora
 from lm.checkpoint import Checkpointer
+from lm.decode import DecodeError
 from lm.experiment import ConfigError, base_config, load_config_file, validate
 from lm.metrics import read_jsonl
 from lm.train import run
@@ -178,6 +179,13 @@ def test_decode_from_char_workdir(char_run):
     out = io.StringIO()
     [row] = script.run(config, out=out, pretrained=m)
     assert len(row["token_ids"]) == 8 and row["completion"] and out.getvalue().strip()
+    # Past the 16-character context: refused, or written on a sliding window (slide=True).
+    config.max_new_tokens = 40
+    with pytest.raises(DecodeError, match="sliding window"):
+        script.run(config, out=io.StringIO(), pretrained=m)
+    config.slide = True
+    [row] = script.run(config, out=io.StringIO(), pretrained=m)
+    assert len(row["token_ids"]) == 40 and len(row["completion"]) == 40
 
 
 @pytest.fixture(scope="module")

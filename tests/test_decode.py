@@ -282,6 +282,50 @@ def test_prompt_longer_than_context(model):
         decode.generate(cfg, params, [[1]], 128)
 
 
+def naive_sliding_greedy(cfg, params, prompt, n, w):
+    """nanoGPT's sample loop: each token from a full forward pass over the last w tokens."""
+    ids = list(prompt)
+    for _ in range(n):
+        window = ids[-w:]
+        tokens = np.zeros((1, 32), np.int32)
+        tokens[0, : len(window)] = window
+        ids.append(int(jnp.argmax(_forward(cfg, params, tokens)[0, len(window) - 1])))
+    return ids[len(prompt) :]
+
+
+def test_sliding_window_equals_cropped_forward(model):
+    """slide=True writes past the context (learned positions included): each token equals a
+    full forward pass over the last `context` tokens; a longer prompt keeps its last ones."""
+    cfg, params = model
+    prompts = PROMPTS + [list(np.arange(20) % 50 + 1)]
+    with pytest.raises(DecodeError, match="sliding window"):
+        decode.generate(cfg, params, prompts, 30, context=16)
+    gens = decode.generate(cfg, params, prompts, 30, context=16, slide=True)
+    for p, g in zip(prompts, gens):
+        assert g.token_ids == naive_sliding_greedy(cfg, params, p[-16:], 30, 16)
+        assert g.finish_reason == "length" and len(g.token_ids) == 30
+        assert g.num_prompt_tokens == min(len(p), 16) and g.truncated == max(len(p) - 16, 0)
+    # A request that fits decodes through the KV cache as without slide.
+    fit = decode.generate(cfg, params, PROMPTS, 8, slide=True)
+    assert [g.token_ids for g in fit] == [
+        g.token_ids for g in decode.generate(cfg, params, PROMPTS, 8)
+    ]
+    # Sampling on the window repeats for a seed; EOS and streaming work as in the cached loop.
+    s = Sample(temperature=1.5)
+    a = decode.generate(cfg, params, PROMPTS, 40, s, seed=4, context=16, slide=True)
+    b = decode.generate(cfg, params, PROMPTS, 40, s, seed=4, context=16, slide=True)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    eos = gens[0].token_ids[20]
+    seen = []
+    [g] = decode.generate(
+        cfg, params, [prompts[0]], 30, context=16, slide=True, eos_ids=[eos],
+        on_tokens=lambda r, ids: seen.extend(ids),
+    )  # fmt: skip
+    first = gens[0].token_ids.index(eos)
+    assert g.token_ids == gens[0].token_ids[: first + 1] and g.finish_reason == "eos"
+    assert seen[: len(g.token_ids)] == g.token_ids
+
+
 def test_token_ids_outside_vocab(model):
     cfg, params = model
     with pytest.raises(DecodeError, match=r"outside the vocabulary \[0, 128\)"):
