@@ -222,6 +222,47 @@ def _row_keys(keys: Array, step: Array) -> Array:
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
 
 
+def _prompt_pass(cfg, params, tokens, mask, keys, step, strategy, cache_len):
+    """The left-padded prompts tokens/mask [B, P] through an empty cache of ``cache_len``
+    slots: the token sampled from each row's last position (draw ``step`` of its key), and the
+    filled cache."""
+    cache = init_cache(cfg, tokens.shape[0], cache_len)
+    cache["index"] = 0  # a Python 0: the model knows statically that the cache is empty
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)  # [B, P]
+    # Only the last position's hidden state is read (left padding: the last column is real).
+    h, cache = _trunk(cfg, params, tokens, mask, positions, cache, last_only=True)
+    logits = _lm_head(cfg, params, h[:, -1])
+    return choose(logits, strategy, _row_keys(keys, step)), cache
+
+
+def _first_state(token, keys, eos_ids, out_len, **carry) -> dict:
+    """The loop state once the first new token is sampled (see _prefill), plus ``carry``."""
+    return dict(
+        carry,
+        token=token,
+        done=jnp.isin(token, eos_ids),
+        out=jnp.zeros((token.shape[0], out_len), jnp.int32).at[:, 0].set(token),
+        step=jnp.ones((), jnp.int32),
+        keys=keys,
+    )
+
+
+def _appended(s: dict, token, eos_ids, **carry) -> dict:
+    """Loop state ``s`` with ``token`` [B] as the step's new ids, plus ``carry``."""
+    out = jax.lax.dynamic_update_slice(s["out"], token[:, None], (0, s["step"]))
+    done = s["done"] | jnp.isin(token, eos_ids)
+    return dict(s, **carry, token=token, done=done, out=out, step=s["step"] + 1)
+
+
+def _run_until(stop_at, body, state):
+    """``body`` once per token until ``step == stop_at`` or every row is done."""
+
+    def cond(s):
+        return (s["step"] < stop_at) & ~jnp.all(s["done"])
+
+    return jax.lax.while_loop(cond, body, state)
+
+
 def _prefill(params, tokens, mask, keys, eos_ids, *, cfg, strategy, cache_len, out_len):
     """Run the left-padded prompts tokens/mask [B, P] and sample the first new token.
 
@@ -229,43 +270,22 @@ def _prefill(params, tokens, mask, keys, eos_ids, *, cfg, strategy, cache_len, o
     position); ``done`` [B] bool; ``out`` [B, N] generated ids; ``step`` (ids generated so far);
     ``keys`` [B] per-row PRNG keys.
     """
-    b = tokens.shape[0]
-    cache = init_cache(cfg, b, cache_len)
-    cache["index"] = 0  # a Python 0: the model knows statically that the cache is empty
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)  # [B, P]
-    # Only the last position's hidden state is read (left padding: the last column is real).
-    h, cache = _trunk(cfg, params, tokens, mask, positions, cache, last_only=True)
-    logits = _lm_head(cfg, params, h[:, -1])
-    token = choose(logits, strategy, _row_keys(keys, jnp.int32(0)))
-    return {
-        "cache": cache,
-        "token": token,
-        "pos": jnp.sum(mask, axis=1).astype(jnp.int32),
-        "done": jnp.isin(token, eos_ids),
-        "out": jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(token),
-        "step": jnp.ones((), jnp.int32),
-        "keys": keys,
-    }
+    token, cache = _prompt_pass(cfg, params, tokens, mask, keys, jnp.int32(0), strategy, cache_len)
+    pos = jnp.sum(mask, axis=1).astype(jnp.int32)
+    return _first_state(token, keys, eos_ids, out_len, cache=cache, pos=pos)
 
 
 def _loop(params, state, eos_ids, stop_at, *, cfg, strategy):
     """Generate one token per iteration until ``step == stop_at`` or every row is done."""
-    b = state["token"].shape[0]
-    ones = jnp.ones((b, 1), jnp.int32)
-
-    def cond(s):
-        return (s["step"] < stop_at) & ~jnp.all(s["done"])
+    ones = jnp.ones((state["token"].shape[0], 1), jnp.int32)
 
     def body(s):
         h, cache = _trunk(cfg, params, s["token"][:, None], ones, s["pos"][:, None], s["cache"])
         logits = _lm_head(cfg, params, h[:, 0])  # [B, V]
         token = choose(logits, strategy, _row_keys(s["keys"], s["step"]))
-        out = jax.lax.dynamic_update_slice(s["out"], token[:, None], (0, s["step"]))
-        done = s["done"] | jnp.isin(token, eos_ids)
-        return dict(s, cache=cache, token=token, pos=s["pos"] + 1, done=done, out=out,
-                    step=s["step"] + 1)  # fmt: skip
+        return _appended(s, token, eos_ids, cache=cache, pos=s["pos"] + 1)
 
-    return jax.lax.while_loop(cond, body, state)
+    return _run_until(stop_at, body, state)
 
 
 # Past the context: a sliding window (as nanoGPT's sample.py crops its input). Each new token
@@ -277,11 +297,7 @@ def _loop(params, state, eos_ids, stop_at, *, cfg, strategy):
 def _window_step(cfg, params, win, wmask, keys, step, strategy):
     """The next token of each row of the window win/wmask [B, W], and the window moved on."""
     b, w = win.shape
-    cache = init_cache(cfg, b, w)
-    cache["index"] = 0  # static: an empty cache, filled by this pass alone
-    positions = jnp.maximum(jnp.cumsum(wmask, axis=1) - 1, 0).astype(jnp.int32)
-    h, _ = _trunk(cfg, params, win, wmask, positions, cache, last_only=True)
-    token = choose(_lm_head(cfg, params, h[:, -1]), strategy, _row_keys(keys, step))
+    token, _ = _prompt_pass(cfg, params, win, wmask, keys, step, strategy, w)
     win = jnp.concatenate([win[:, 1:], token[:, None]], axis=1)
     wmask = jnp.concatenate([wmask[:, 1:], jnp.ones((b, 1), wmask.dtype)], axis=1)
     return token, win, wmask
@@ -289,34 +305,19 @@ def _window_step(cfg, params, win, wmask, keys, step, strategy):
 
 def _slide_prefill(params, tokens, mask, keys, eos_ids, *, cfg, strategy, out_len):
     """_prefill's state for the sliding window: the window [B, W] in place of the cache."""
-    b = tokens.shape[0]
     token, win, wmask = _window_step(cfg, params, tokens, mask, keys, jnp.int32(0), strategy)
-    return {
-        "win": win,
-        "wmask": wmask,
-        "token": token,
-        "done": jnp.isin(token, eos_ids),
-        "out": jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(token),
-        "step": jnp.ones((), jnp.int32),
-        "keys": keys,
-    }
+    return _first_state(token, keys, eos_ids, out_len, win=win, wmask=wmask)
 
 
 def _slide_loop(params, state, eos_ids, stop_at, *, cfg, strategy):
     """_loop on the sliding window."""
 
-    def cond(s):
-        return (s["step"] < stop_at) & ~jnp.all(s["done"])
-
     def body(s):
-        token, win, wmask = _window_step(
-            cfg, params, s["win"], s["wmask"], s["keys"], s["step"], strategy
-        )
-        out = jax.lax.dynamic_update_slice(s["out"], token[:, None], (0, s["step"]))
-        done = s["done"] | jnp.isin(token, eos_ids)
-        return dict(s, win=win, wmask=wmask, token=token, done=done, out=out, step=s["step"] + 1)
+        step = _window_step(cfg, params, s["win"], s["wmask"], s["keys"], s["step"], strategy)
+        token, win, wmask = step
+        return _appended(s, token, eos_ids, win=win, wmask=wmask)
 
-    return jax.lax.while_loop(cond, body, state)
+    return _run_until(stop_at, body, state)
 
 
 # Compiled programs, keyed by everything that shapes them. Compile once per bucket.

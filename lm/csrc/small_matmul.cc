@@ -2043,17 +2043,19 @@ void norm_rows_bwd(const TrainMlp& d, const float* dxn, const float* xhat, const
 }
 
 // AVX2's tiles for the training products: 4 rows x 24 columns (12 ymm accumulators, 3 panel
-// loads and a broadcast: all 16 registers; each panel row loaded feeds 12 FMAs), as the
-// decoding kernel's packed_tile, over 24-column panels packed once per call (pack24). Why:
-// gemm_tiles' AVX2 form (2 rows x 32 columns: 8 accumulators, each panel row feeding 8 FMAs
-// at 6 loads) packed its panels of the weights again in every task.
-constexpr int64_t kPanel = 24;
+// loads and a broadcast: all 16 registers; each panel row loaded feeds 12 FMAs), over panels
+// of kPackCols packed once per call (pack24). Why: gemm_tiles' AVX2 form (2 rows x 32
+// columns: 8 accumulators, each panel row feeding 8 FMAs at 6 loads) packed its panels of the
+// weights again in every task. The decoding kernel's packed_tile is the same tile; this one
+// also reads A transposed (the backward's sums over rows) and runs a narrow last panel on
+// fewer vectors (packed_tile widens it to 24 columns: at N = 128, 8 columns costing 24).
+constexpr int64_t kPanel = kPackCols;
 
-// out[R, :width] (+)= alpha * A[R, L] @ P for one panel P ([L][kPanel], zero past width; NV =
+// out[R, :width] (+)= A[R, L] @ P for one panel P ([L][kPanel], zero past width; NV =
 // ceil(width / 8) vectors of it are read). A(r, l) is a[r * lda + l], or with TA a[l * lda + r].
 template <int R, int NV, bool TA>
 void tile24(const float* a, int64_t lda, int64_t L, const float* p, float* c, int64_t ldc,
-            int64_t width, float alpha, bool accumulate) {
+            int64_t width, bool accumulate) {
   __m256 acc[R][NV];
   _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)
     _Pragma("GCC unroll 3") for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_setzero_ps();
@@ -2066,12 +2068,11 @@ void tile24(const float* a, int64_t lda, int64_t L, const float* p, float* c, in
     }
   };
   _Pragma("GCC unroll 4") for (int64_t l = 0; l < L; ++l) step(l);
-  const __m256 al = _mm256_set1_ps(alpha);
   _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) {
     _Pragma("GCC unroll 3") for (int j = 0; j < NV; ++j) {
       float* cp = c + r * ldc + 8 * j;
       const int64_t n = width - 8 * j;
-      __m256 y = _mm256_mul_ps(acc[r][j], al);
+      __m256 y = acc[r][j];
       if (n >= 8) {
         if (accumulate) y = _mm256_add_ps(y, _mm256_loadu_ps(cp));
         _mm256_storeu_ps(cp, y);
@@ -2085,11 +2086,11 @@ void tile24(const float* a, int64_t lda, int64_t L, const float* p, float* c, in
   }
 }
 
-// C[M, N] (+)= alpha * A[M, L] @ B for B packed by pack24; panels outside, row tiles inside
-// (a panel, 12 KB at L = 128, stays in L1 while the tiles pass over it).
+// C[M, N] (+)= A[M, L] @ B for B packed by pack24; panels outside, row tiles inside (a
+// panel, 12 KB at L = 128, stays in L1 while the tiles pass over it).
 template <bool TA>
 void gemm24(const float* a, int64_t lda, const float* panels, int64_t L, int64_t N, float* c,
-            int64_t ldc, int64_t M, float alpha = 1.0f, bool accumulate = false) {
+            int64_t ldc, int64_t M, bool accumulate = false) {
   for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
     const int64_t w = std::min(kPanel, N - n0);
     const float* p = panels + n0 * L;
@@ -2097,9 +2098,9 @@ void gemm24(const float* a, int64_t lda, const float* panels, int64_t L, int64_t
       const float* am = TA ? a + m0 : a + m0 * lda;
       float* cm = c + m0 * ldc + n0;
       with_rows<4>(M - m0, [&](auto R) {
-        if (w > 16) tile24<R, 3, TA>(am, lda, L, p, cm, ldc, w, alpha, accumulate);
-        else if (w > 8) tile24<R, 2, TA>(am, lda, L, p, cm, ldc, w, alpha, accumulate);
-        else tile24<R, 1, TA>(am, lda, L, p, cm, ldc, w, alpha, accumulate);
+        if (w > 16) tile24<R, 3, TA>(am, lda, L, p, cm, ldc, w, accumulate);
+        else if (w > 8) tile24<R, 2, TA>(am, lda, L, p, cm, ldc, w, accumulate);
+        else tile24<R, 1, TA>(am, lda, L, p, cm, ldc, w, accumulate);
       });
     }
   }
@@ -2242,7 +2243,7 @@ void over_rows(ffi::ThreadPool& pool, int64_t M, int64_t D, const std::vector<Ov
             } else {
               float* panels = scratch(panels24(nn) * kPanel * L, 2);
               pack24(b, p.O, false, L, nn, 0, panels24(nn), panels);
-              gemm24<true>(a, p.I, panels, L, nn, c, p.O, ni, 1.0f, l0 > 0);
+              gemm24<true>(a, p.I, panels, L, nn, c, p.O, ni, l0 > 0);
             }
           }
         });
